@@ -1,0 +1,74 @@
+"""`budget-lab`: the command line. A thin layer: parse, call the component, print.
+
+Each command group lives beside the component it drives and registers itself here through a
+`register(subparsers)` function; this file only wires them together and turns user mistakes
+(`UserError`, invalid model configs) into a clear message and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from budget_lab.errors import UserError
+
+# Command groups, in the order of the data flow: cli → config → data → train → eval → launch →
+# ledger → sweep → report. Each module exposes `register(subparsers)`.
+_COMMAND_MODULES = [
+    "budget_lab.cli.model",
+    "budget_lab.cli.data",
+]
+
+_EPILOG = """\
+Start here:
+  budget-lab model info MicroDiT-XL/2          parameters, FLOPs per image, layer table
+  budget-lab model info nano --mask-ratio 0.75
+
+Each command has its own --help, e.g. `budget-lab model info --help`.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="budget-lab",
+        description=(
+            "Pretrain MicroDiT text-to-image diffusion models on a micro budget, "
+            "and know exactly what every run cost."
+        ),
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("budget-lab")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from model.config import ModelConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, ModelConfigError) as err:
+        print(f"budget-lab: error: {err}", file=sys.stderr)
+        return getattr(err, "exit_code", 2)
+    except KeyboardInterrupt:
+        print("budget-lab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
