@@ -18,6 +18,7 @@ from budget_lab.errors import UserError
 _COMMAND_MODULES = [
     "budget_lab.cli.model",
     "budget_lab.cli.data",
+    "budget_lab.cli.train",
 ]
 
 _EPILOG = """\

@@ -1,0 +1,466 @@
+"""The phased MicroDiT trainer: accelerate for devices, exact resume, nothing lost on a crash.
+
+A run folder holds:
+  config.yaml      the resolved configuration (YAML < CLI overrides), written once
+  metrics.jsonl    append-only: step, phase, loss, images/s, lr, wall clock (one row per log_every)
+  checkpoints/     atomic checkpoints (model, EMA, optimizer, scheduler, data position, RNG states)
+  samples/         a sample grid (PNG) at the end of each phase, from the EMA weights
+  result.json      status (running / completed / failed / interrupted) and the final figures
+
+Resume is exact: the checkpoint holds every source of randomness and the data position, so on a
+CPU an interrupted-and-resumed run ends with weights bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from budget_lab.config import RunConfig, edm_config, model_config, run_config_to_dict
+from budget_lab.config.schema import PhaseConfig
+from budget_lab.errors import ConfigError, DataError, TrainingError
+from budget_lab.train.checkpoint import CheckpointStore
+from model.edm import EDMConfig, EDMPrecond, edm_loss
+from model.microdit import MicroDiT
+
+__all__ = ["Trainer", "read_result", "lr_factor"]
+
+_RESULT = "result.json"
+
+
+def lr_factor(phase: PhaseConfig, step: int) -> float:
+    """Learning-rate multiplier at optimizer step `step` (0-based) of a phase."""
+    if step < phase.warmup_steps:
+        return (step + 1) / phase.warmup_steps
+    if phase.schedule == "constant":
+        return 1.0
+    span = max(phase.steps - phase.warmup_steps, 1)
+    progress = min((step - phase.warmup_steps) / span, 1.0)
+    return phase.min_lr_ratio + (1 - phase.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_result(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    path = Path(run_dir) / _RESULT
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+class Trainer:
+    """Runs the phases of a `RunConfig` in `run_dir`, resuming from its latest checkpoint."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: str | os.PathLike[str],
+        progress: bool = True,
+        stop_at_step: int | None = None,
+    ):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        # Test and tooling hook: behave as if a stop signal arrived after this global step.
+        self.stop_at_step = stop_at_step
+        self.model_cfg = model_config(cfg)
+        self.edm_cfg: EDMConfig = edm_config(cfg)
+        self.store = CheckpointStore(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep)
+        self._checkpoint_requested = threading.Event()
+        self._stop_requested = threading.Event()
+
+    # -- requests from signals or a job wrapper (submitit's checkpoint()) ----------------------------
+
+    def request_checkpoint(self) -> None:
+        """Save a checkpoint at the next step boundary and go on."""
+        self._checkpoint_requested.set()
+
+    def request_stop(self) -> None:
+        """Save a checkpoint at the next step boundary and stop (status 'interrupted')."""
+        self._stop_requested.set()
+
+    # -- run folder ----------------------------------------------------------------------------------
+
+    def _prepare_run_dir(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resolved = run_config_to_dict(self.cfg)
+        path = self.run_dir / "config.yaml"
+        if path.is_file():
+            saved = yaml.safe_load(path.read_text())
+            if saved != resolved:
+                diff = sorted(
+                    k for k in set(saved) | set(resolved) if saved.get(k) != resolved.get(k)
+                )
+                raise ConfigError(
+                    f"{self.run_dir} already holds a run with a different configuration (differs in: "
+                    f"{', '.join(diff)}); resume it with the same recipe and overrides, or use a new "
+                    "--run-dir"
+                )
+        else:
+            tmp = path.with_name(".config.yaml.tmp")
+            tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
+            os.replace(tmp, path)
+
+    def _result(self, **fields: Any) -> dict[str, Any]:
+        result = read_result(self.run_dir) or {}
+        result.update(fields, run_dir=str(self.run_dir), updated_at=time.time())
+        _write_json(self.run_dir / _RESULT, result)
+        return result
+
+    # -- the run ---------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Train every phase (resuming if the run folder has a checkpoint). Returns result.json."""
+        from accelerate import Accelerator
+
+        cfg = self.cfg
+        self._prepare_run_dir()
+        use_gpu = torch.cuda.is_available()
+        precision = cfg.mixed_precision
+        if precision == "auto":
+            precision = "bf16" if use_gpu else "no"
+        accelerator = Accelerator(mixed_precision=precision, cpu=not use_gpu)
+        self.accelerator = accelerator
+        device = accelerator.device
+        main = accelerator.is_main_process
+
+        # Model, EMA and the noise generator; everything random is seeded from cfg.seed.
+        torch.manual_seed(cfg.seed)
+        net = MicroDiT(self.model_cfg)
+        ema = None
+        if cfg.optim.ema_decay > 0:
+            ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.optim.ema_decay))
+        net = net.to(device)
+        if ema is not None:
+            ema = ema.to(device)
+        gen = torch.Generator(device=device)
+        gen.manual_seed(cfg.seed * 1000 + accelerator.process_index)
+
+        state = {
+            "phase": 0,
+            "phase_step": 0,
+            "global_step": 0,
+            "images_seen": 0,
+            "train_seconds": 0.0,
+        }
+        phase_states: dict[str, Any] | None = None
+        loaded = self.store.load_latest(map_location="cpu")
+        segment = 0
+        if loaded is not None:
+            ckpt, ckpt_path = loaded
+            net.load_state_dict(ckpt["model"])
+            if ema is not None and ckpt.get("ema") is not None:
+                ema.load_state_dict(ckpt["ema"])
+            gen.set_state(ckpt["rng"]["gen"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if use_gpu and ckpt["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+            state.update({k: ckpt[k] for k in state})
+            phase_states = ckpt.get("phase_states")
+            segment = ckpt.get("segment", 0) + 1
+            if main:
+                print(
+                    f"resuming {self.run_dir.name} from {ckpt_path.name} "
+                    f"(phase {state['phase']}, step {state['global_step']})",
+                    flush=True,
+                )
+        self._result(status="running", segment=segment, started_at=time.time())
+
+        precond = EDMPrecond(net, self.edm_cfg.sigma_data)
+        precond = accelerator.prepare_model(precond)
+        step_fn = torch.compile(precond) if cfg.compile else precond
+        moe_names = set(net.moe_parameter_names())
+        total_steps = sum(p.steps for p in cfg.phases)
+
+        wandb_run = self._init_wandb(segment) if (cfg.wandb.enabled and main) else None
+        old_handlers = self._install_signal_handlers()
+        metrics_file = open(self.run_dir / "metrics.jsonl", "a") if main else None
+        bar = None
+        if main and self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=total_steps, initial=state["global_step"], unit="step", dynamic_ncols=True
+            )
+        status = "completed"
+        try:
+            for phase_idx in range(state["phase"], len(cfg.phases)):
+                phase = cfg.phases[phase_idx]
+                if phase_idx != state["phase"]:
+                    state.update(phase=phase_idx, phase_step=0)
+                    phase_states = None
+                world = accelerator.num_processes
+                micro = phase.micro_batch_size or max(phase.batch_size // world, 1)
+                if phase.batch_size % (micro * world):
+                    raise ConfigError(
+                        f"phases[{phase.name}].batch_size={phase.batch_size} is not a multiple of "
+                        f"micro_batch_size x devices = {micro} x {world}; pick a batch size that is"
+                    )
+                accum = phase.batch_size // (micro * world)
+                loader = self._loader(phase, micro, accelerator)
+
+                # Fresh AdamW per phase (its own learning rate); MoE parameters at their own scale,
+                # no weight decay on norms and biases.
+                groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+                for name, p in net.named_parameters():
+                    groups.setdefault((name in moe_names, p.ndim >= 2), []).append(p)
+                param_groups = [
+                    {
+                        "params": ps,
+                        "lr": phase.lr * (cfg.optim.moe_lr_scale if moe else 1.0),
+                        "weight_decay": cfg.optim.weight_decay if decay else 0.0,
+                    }
+                    for (moe, decay), ps in sorted(groups.items())
+                ]
+                optimizer = torch.optim.AdamW(
+                    param_groups,
+                    betas=(cfg.optim.beta1, cfg.optim.beta2),
+                    eps=cfg.optim.eps,
+                    foreach=True,
+                )
+                scheduler = torch.optim.lr_scheduler.LambdaLR(
+                    optimizer, lambda s, ph=phase: lr_factor(ph, s)
+                )
+                if phase_states is not None:
+                    optimizer.load_state_dict(phase_states["optimizer"])
+                    scheduler.load_state_dict(phase_states["scheduler"])
+                    loader.load_state_dict(phase_states["loader"])
+                optimizer = accelerator.prepare_optimizer(optimizer)
+                P_mean = self.edm_cfg.P_mean if phase.P_mean is None else phase.P_mean
+                P_std = self.edm_cfg.P_std if phase.P_std is None else phase.P_std
+
+                def save(
+                    phase=phase, optimizer=optimizer, scheduler=scheduler, loader=loader
+                ) -> Path | None:
+                    accelerator.wait_for_everyone()
+                    if not main:
+                        return None
+                    return self.store.save(
+                        state["global_step"],
+                        {
+                            "version": 1,
+                            "model": accelerator.unwrap_model(precond).net.state_dict(),
+                            "ema": ema.state_dict() if ema is not None else None,
+                            "phase_states": {
+                                "optimizer": optimizer.state_dict(),
+                                "scheduler": scheduler.state_dict(),
+                                "loader": loader.state_dict(),
+                            },
+                            "rng": {
+                                "gen": gen.get_state(),
+                                "torch": torch.get_rng_state(),
+                                "cuda": torch.cuda.get_rng_state() if use_gpu else None,
+                            },
+                            "segment": segment,
+                            "phase_name": phase.name,
+                            **state,
+                        },
+                    )
+
+                batches = iter(loader)
+                window_loss, window_images, window_time = 0.0, 0, 0.0
+                while state["phase_step"] < phase.steps:
+                    t0 = time.perf_counter()
+                    step_loss = 0.0
+                    for micro_idx in range(accum):
+                        batch = next(batches)
+                        y = batch["latents"].to(device, non_blocking=True)
+                        captions = batch["captions"].to(device, non_blocking=True)
+                        caption_mask = batch["caption_mask"].to(device, non_blocking=True)
+                        # Caption dropout for classifier-free guidance: zeroed embeddings.
+                        if cfg.optim.caption_dropout > 0:
+                            drop = (
+                                torch.rand(y.shape[0], device=device, generator=gen)
+                                < cfg.optim.caption_dropout
+                            )
+                            captions = captions * (~drop).view(-1, 1, 1).to(captions.dtype)
+                        sync = micro_idx == accum - 1
+                        ctx = accelerator.no_sync(precond) if not sync else contextlib.nullcontext()
+                        with ctx, accelerator.autocast():
+                            loss = edm_loss(
+                                step_fn,
+                                y,
+                                captions,
+                                caption_mask,
+                                phase.mask_ratio,
+                                P_mean,
+                                P_std,
+                                gen,
+                            )
+                        accelerator.backward(loss / accum)
+                        step_loss += loss.detach().float().item() / accum
+                    if not math.isfinite(step_loss):
+                        raise TrainingError(
+                            f"non-finite loss ({step_loss}) at phase {phase.name!r}, step "
+                            f"{state['phase_step']} (global {state['global_step']}): the run is stopped "
+                            f"and nothing was saved from this step. Last good checkpoint: "
+                            f"{self.store.latest_path() or 'none'}. Lower phases[{phase.name}].lr or "
+                            "optim.grad_clip, or check the data"
+                        )
+                    if cfg.optim.grad_clip > 0:
+                        accelerator.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if ema is not None:
+                        ema.update_parameters(net)
+                    state["phase_step"] += 1
+                    state["global_step"] += 1
+                    images = phase.batch_size
+                    state["images_seen"] += images
+                    dt = time.perf_counter() - t0
+                    state["train_seconds"] += dt
+                    window_loss += step_loss
+                    window_images += images
+                    window_time += dt
+
+                    if (
+                        state["global_step"] % cfg.log_every == 0
+                        or state["phase_step"] == phase.steps
+                    ):
+                        n = max(round(window_images / images), 1)
+                        row = {
+                            "step": state["global_step"],
+                            "phase": phase.name,
+                            "phase_step": state["phase_step"],
+                            "loss": window_loss / n,
+                            "images_per_s": window_images / max(window_time, 1e-9),
+                            "lr": scheduler.get_last_lr()[0],
+                            "mask_ratio": phase.mask_ratio,
+                            "images_seen": state["images_seen"],
+                            "train_seconds": state["train_seconds"],
+                            "segment": segment,
+                            "time": time.time(),
+                        }
+                        if metrics_file is not None:
+                            metrics_file.write(json.dumps(row) + "\n")
+                            metrics_file.flush()
+                        if wandb_run is not None:
+                            wandb_run.log(
+                                {f"train/{k}": v for k, v in row.items() if k != "phase"},
+                                step=row["step"],
+                            )
+                        if bar is not None:
+                            bar.set_postfix_str(
+                                f"{phase.name} loss {row['loss']:.4f} {row['images_per_s']:.0f} img/s"
+                            )
+                        window_loss, window_images, window_time = 0.0, 0, 0.0
+                    if bar is not None:
+                        bar.update(1)
+
+                    if self.stop_at_step is not None and state["global_step"] >= self.stop_at_step:
+                        self._stop_requested.set()
+                    at_interval = state["global_step"] % cfg.checkpoint.every == 0
+                    phase_done = state["phase_step"] == phase.steps
+                    if (
+                        at_interval
+                        or phase_done
+                        or self._checkpoint_requested.is_set()
+                        or self._stop_requested.is_set()
+                    ):
+                        save()
+                        self._checkpoint_requested.clear()
+                    if self._stop_requested.is_set() and not (
+                        phase_done and phase_idx == len(cfg.phases) - 1
+                    ):
+                        status = "interrupted"
+                        return self._result(status=status, **state)
+
+                # End of phase: a sample grid from the EMA weights.
+                if main and cfg.eval.grid_size > 0:
+                    self._sample_grid(ema.module if ema is not None else net, phase, device)
+                phase_states = None
+            return self._result(status=status, **state, phases=[asdict(p) for p in cfg.phases])
+        except TrainingError as err:
+            self._result(status="failed", error=str(err), **state)
+            raise
+        except (ConfigError, DataError):
+            self._result(status="failed", **state)
+            raise
+        except BaseException as err:
+            self._result(status="failed", error=f"{type(err).__name__}: {err}", **state)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+            if metrics_file is not None:
+                metrics_file.close()
+            self._restore_signal_handlers(old_handlers)
+            if wandb_run is not None:
+                wandb_run.finish()
+
+    # -- pieces ------------------------------------------------------------------------------------------
+
+    def _loader(self, phase: PhaseConfig, micro: int, accelerator):
+        from budget_lab.data.loader import ShardLoader
+
+        data_dir = Path(self.cfg.data.path)
+        if not (data_dir / "manifest.json").is_file():
+            raise DataError(
+                f"no prepared data at data.path={str(data_dir)!r} (no manifest.json). Make it with "
+                "`budget-lab data synth --out data/synth && budget-lab data prepare --images "
+                "data/synth --out data/synth-latents --vae pixel --text-encoder minilm`, or set "
+                "data.path=FOLDER"
+            )
+        return ShardLoader(
+            data_dir,
+            split="train",
+            resolution=phase.resolution,
+            batch_size=micro,
+            seed=self.cfg.seed * 1000 + self.cfg.phases.index(phase),
+            shuffle_buffer=self.cfg.data.shuffle_buffer,
+            num_workers=self.cfg.data.num_workers,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            expect={
+                "latent_channels": self.model_cfg.in_channels,
+                "caption_dim": self.model_cfg.caption_dim,
+            },
+            pin_memory=accelerator.device.type == "cuda",
+        )
+
+    def _sample_grid(self, net: MicroDiT, phase: PhaseConfig, device: torch.device) -> None:
+        from budget_lab.eval.sampling import sample_grid_for_run
+
+        sample_grid_for_run(
+            net,
+            self.cfg,
+            self.edm_cfg,
+            self.run_dir / "samples" / f"{self.cfg.phases.index(phase):02d}-{phase.name}.png",
+            device=device,
+        )
+
+    def _init_wandb(self, segment: int):
+        from budget_lab.report.wandb_log import init_wandb_run
+
+        return init_wandb_run(self.cfg, self.run_dir, segment)
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """SIGUSR1: checkpoint now; SIGTERM / SIGINT: checkpoint and stop. Main thread only."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        handlers = {
+            signal.SIGUSR1: lambda *_: self.request_checkpoint(),
+            signal.SIGTERM: lambda *_: self.request_stop(),
+            signal.SIGINT: lambda *_: self.request_stop(),
+        }
+        return {sig: signal.signal(sig, h) for sig, h in handlers.items()}
+
+    @staticmethod
+    def _restore_signal_handlers(old: dict[int, Any]) -> None:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
