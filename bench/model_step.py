@@ -13,18 +13,22 @@ Prints a Markdown table (paste into BENCHMARKS.md) and writes JSON with --json P
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import time
-from datetime import date
+import os
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see BENCHMARKS.md
 
-from model.config import PRESETS, RouteConfig, get_preset
-from model.edm import EDMPrecond, edm_loss
-from model.microdit import MicroDiT
-from model.summary import count_flops
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+from datetime import date  # noqa: E402
+
+import torch  # noqa: E402
+
+from model.config import PRESETS, RouteConfig, get_preset  # noqa: E402
+from model.edm import EDMPrecond, edm_loss  # noqa: E402
+from model.microdit import MicroDiT  # noqa: E402
+from model.summary import count_flops  # noqa: E402
 
 # Dense bf16 peak of the GPUs we meet (FLOP/s), for MFU.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12}

@@ -251,3 +251,18 @@ def test_sigterm_checkpoints_and_stops_then_resumes(train_data_dir, tmp_path):
     assert result["status"] == "interrupted" and 3 <= result["global_step"] < 400
     ckpt = weights(run)
     assert ckpt["global_step"] == result["global_step"]  # saved at the step it stopped
+
+
+def test_wandb_offline_run_is_resumed_not_duplicated(train_data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    cfg = tiny_cfg(train_data_dir, "wandb.enabled=true", "eval.grid_size=0")
+    Trainer(cfg, run, progress=False, stop_at_step=4).run()
+    Trainer(cfg, run, progress=False).run()
+    runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2  # two segments...
+    ids = {p.name.rsplit("-", 1)[-1] for p in runs}
+    assert len(ids) == 1  # ...of one W&B run
+    assert not any("WANDB_API_KEY" in p.read_text(errors="ignore") for p in run.rglob("*.yaml"))
