@@ -28,11 +28,16 @@ _COMMAND_MODULES = [
 ]
 
 _EPILOG = """\
-Start here:
-  budget-lab model info MicroDiT-XL/2          parameters, FLOPs per image, layer table
-  budget-lab model info nano --mask-ratio 0.75
+The offline pipeline, end to end (scripts/demo.sh runs it):
+  budget-lab data synth --out data/synth                   built-in captioned shapes
+  budget-lab data prepare --images data/synth --out data/synth-latents --vae pixel --text-encoder minilm
+  budget-lab train --recipe nano                           masked pretrain -> unmasked finetune
+  budget-lab eval runs/nano                                real Inception FID + sample grid
 
-Each command has its own --help, e.g. `budget-lab model info --help`.
+Inspect a model:
+  budget-lab model info MicroDiT-XL/2 --mask-ratio 0.75    parameters, FLOPs per image, layers
+
+Each command has its own --help with examples, e.g. `budget-lab train --help`.
 """
 
 

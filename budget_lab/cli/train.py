@@ -63,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--cfg-scale", type=float, default=None, help="guidance scale (default: eval.cfg_scale)"
     )
     ev.add_argument("--untrained", action="store_true", help="score the initial weights instead")
+    ev.add_argument("--raw", action="store_true", help="score the raw weights instead of their EMA")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
@@ -94,7 +95,14 @@ def _eval(args: argparse.Namespace) -> int:
     from budget_lab.eval.evaluate import evaluate_run
 
     result = evaluate_run(
-        args.run, args.samples, args.steps, args.cfg_scale, args.untrained, args.seed, args.device
+        args.run,
+        num_samples=args.samples,
+        sampler_steps=args.steps,
+        cfg_scale=args.cfg_scale,
+        untrained=args.untrained,
+        seed=args.seed,
+        device=args.device,
+        ema=not args.raw,
     )
     print(json.dumps(result, indent=2))
     return 0

@@ -95,6 +95,7 @@ from budget_lab.data.encoders import (
 )
 from budget_lab.data.loader import MANIFEST_KIND, MANIFEST_NAME, MANIFEST_VERSION, sha256_file
 from budget_lab.errors import ConfigError, DataError
+from budget_lab.io import atomic_write_json
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -433,12 +434,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _zero_skips() -> dict[str, int]:
     return dict.fromkeys(SKIP_REASONS, 0)
 
@@ -698,7 +693,7 @@ def _encode_shard(
         }
         _record(job.manifest, res, split, entry)
         job.manifest["updated_at"] = _now()
-        _write_json(job.out / MANIFEST_NAME, job.manifest)
+        atomic_write_json(job.out / MANIFEST_NAME, job.manifest)
     return index - start
 
 
@@ -832,7 +827,7 @@ def prepare_dataset(
     manifest = existing or _new_manifest(settings, image_encoder, text_encoder_)
     manifest["complete"] = False
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(out_dir / MANIFEST_NAME, manifest)
+    atomic_write_json(out_dir / MANIFEST_NAME, manifest)
 
     job = _Job(out_dir, image_encoder, text_encoder_, batch_size, manifest)
     for split, source in sources.items():
@@ -840,7 +835,7 @@ def prepare_dataset(
     _totals(manifest)
     manifest["complete"] = True
     manifest["updated_at"] = _now()
-    _write_json(out_dir / MANIFEST_NAME, manifest)
+    atomic_write_json(out_dir / MANIFEST_NAME, manifest)
     if progress:
         for line in summary_lines(manifest):
             print(line, file=sys.stderr)

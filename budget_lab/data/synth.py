@@ -80,6 +80,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from budget_lab.errors import ConfigError, DataError
+from budget_lab.io import atomic_write_json
 
 __all__ = [
     "BACKGROUNDS",
@@ -581,12 +582,6 @@ def _check_existing_manifest(path: Path, wanted: dict[str, Any]) -> bool:
     return True
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def synth_dataset(
     out: str | os.PathLike[str],
     n: int,
@@ -647,7 +642,7 @@ def synth_dataset(
     # Finished shards are trusted only when the manifest says they were made with these arguments.
     resuming = _check_existing_manifest(manifest_path, manifest)
     if not resuming:
-        _write_json(manifest_path, manifest)
+        atomic_write_json(manifest_path, manifest)
 
     todo = [
         (name, indices) for name, indices in plan if not (resuming and _finished(out_dir / name))
@@ -667,7 +662,7 @@ def synth_dataset(
     for name, _ in plan:  # a stray temporary file next to a finished shard
         (out_dir / f"{name}.tmp").unlink(missing_ok=True)
     manifest["complete"] = True
-    _write_json(manifest_path, manifest)
+    atomic_write_json(manifest_path, manifest)
     return manifest
 
 

@@ -8,7 +8,6 @@ on the same prompts, the same number of samples and the same sampler settings.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import replace
@@ -24,6 +23,7 @@ from budget_lab.errors import DataError, UserError
 from budget_lab.eval.fid import FIDEvaluator
 from budget_lab.eval.grid import save_grid
 from budget_lab.eval.sampling import generate_images, image_decoder, real_images, val_batches
+from budget_lab.io import atomic_write_json
 from budget_lab.train.checkpoint import CheckpointStore
 from model.microdit import MicroDiT
 
@@ -65,12 +65,13 @@ def evaluate_run(
     cfg_scale: float | None = None,
     untrained: bool = False,
     seed: int = 0,
+    ema: bool = True,
     device: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """FID (and a sample grid) of a run; writes eval.json (or eval-untrained.json) in the run."""
     run_dir = Path(run_dir)
-    cfg, net, ckpt_path = load_run_model(run_dir, untrained=untrained)
+    cfg, net, ckpt_path = load_run_model(run_dir, untrained=untrained, ema=ema)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net = net.to(dev)
     data_dir = Path(cfg.data.path)
@@ -118,11 +119,13 @@ def evaluate_run(
         progress=progress,
     )
     fid = evaluator.fid(images)
-    tag = "untrained" if untrained else "trained"
+    tag = "untrained" if untrained else ("trained" if ema else "trained-raw")
     grid = save_grid(images[:16], run_dir / "samples" / f"eval-{tag}.png", captions=texts[:16])
     result = {
         "fid": fid,
-        "weights": "initial (untrained)" if untrained else f"EMA of {ckpt_path.name}",
+        "weights": "initial (untrained)"
+        if untrained
+        else f"{'EMA' if ema else 'raw weights'} of {ckpt_path.name}",
         "num_samples": n,
         "num_reference": n_ref,
         "sampler_steps": edm.num_steps,
@@ -132,8 +135,8 @@ def evaluate_run(
         "grid": str(grid),
         "seconds": time.time() - t0,
     }
-    out = run_dir / ("eval-untrained.json" if untrained else "eval.json")
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    out = run_dir / {"untrained": "eval-untrained.json", "trained": "eval.json"}.get(
+        tag, f"eval-{tag}.json"
+    )
+    atomic_write_json(out, result)
     return result

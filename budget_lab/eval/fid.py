@@ -48,7 +48,6 @@ import hashlib
 import importlib.resources
 import importlib.util
 import os
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Iterable, Iterator
@@ -60,6 +59,7 @@ from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from budget_lab.errors import ConfigError, DataError, UserError
+from budget_lab.io import atomic_write
 
 __all__ = [
     "INCEPTION_INPUT_SIZE",
@@ -273,26 +273,18 @@ class ReferenceStats:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write an ``.npz`` atomically (temporary file in the same folder, then rename)."""
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(
-                    fh,
-                    format=np.int64(_CACHE_FORMAT),
-                    mu=self.mu,
-                    sigma=self.sigma,
-                    num_samples=np.int64(self.num_samples),
-                    key=np.str_(self.key),
-                    fingerprint=np.str_(self.fingerprint),
-                )
-            os.chmod(tmp_name, 0o644)  # mkstemp creates 0600
-            os.replace(tmp_name, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_name)
-            raise
+        atomic_write(
+            path,
+            lambda fh: np.savez(
+                fh,
+                format=np.int64(_CACHE_FORMAT),
+                mu=self.mu,
+                sigma=self.sigma,
+                num_samples=np.int64(self.num_samples),
+                key=np.str_(self.key),
+                fingerprint=np.str_(self.fingerprint),
+            ),
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ReferenceStats:

@@ -13,10 +13,8 @@ The grid is
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from budget_lab.errors import ConfigError, DataError
+from budget_lab.io import atomic_write
 
 __all__ = ["auto_upscale", "grid_size", "save_grid"]
 
@@ -187,15 +186,5 @@ def save_grid(
             ty = y0 + cell_h + _CAPTION_MARGIN + j * line_h
             draw.text((x0, ty), line, fill=(0, 0, 0), font=font)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            canvas.save(fh, format="PNG")
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600
-        os.replace(tmp_name, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
+    atomic_write(target, lambda fh: canvas.save(fh, format="PNG"))
     return target

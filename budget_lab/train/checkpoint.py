@@ -17,26 +17,11 @@ from typing import Any
 
 import torch
 
+from budget_lab.io import atomic_write, atomic_write_text
+
 __all__ = ["CheckpointStore"]
 
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
-
-
-def _atomic_write_bytes(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class CheckpointStore:
@@ -69,8 +54,8 @@ class CheckpointStore:
         """Write the checkpoint for global step `step`, point `latest` at it, prune old ones."""
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.path_for(step)
-        _atomic_write_bytes(path, lambda f: torch.save(state, f))
-        _atomic_write_bytes(self.dir / "latest", lambda f: f.write(f"{path.name}\n".encode()))
+        atomic_write(path, lambda f: torch.save(state, f))
+        atomic_write_text(self.dir / "latest", f"{path.name}\n")
         for old in self.list()[self.keep :]:
             old.unlink(missing_ok=True)
         return path

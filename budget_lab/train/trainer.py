@@ -31,6 +31,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from budget_lab.config import RunConfig, edm_config, model_config, run_config_to_dict
 from budget_lab.config.schema import PhaseConfig
 from budget_lab.errors import ConfigError, DataError, TrainingError
+from budget_lab.io import atomic_write_json, atomic_write_text
 from budget_lab.train.checkpoint import CheckpointStore
 from model.edm import EDMConfig, EDMPrecond, edm_loss
 from model.microdit import MicroDiT
@@ -49,12 +50,6 @@ def lr_factor(phase: PhaseConfig, step: int) -> float:
     span = max(phase.steps - phase.warmup_steps, 1)
     progress = min((step - phase.warmup_steps) / span, 1.0)
     return phase.min_lr_ratio + (1 - phase.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def read_result(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -111,14 +106,12 @@ class Trainer:
                     "--run-dir"
                 )
         else:
-            tmp = path.with_name(".config.yaml.tmp")
-            tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
-            os.replace(tmp, path)
+            atomic_write_text(path, yaml.safe_dump(resolved, sort_keys=False))
 
     def _result(self, **fields: Any) -> dict[str, Any]:
         result = read_result(self.run_dir) or {}
         result.update(fields, run_dir=str(self.run_dir), updated_at=time.time())
-        _write_json(self.run_dir / _RESULT, result)
+        atomic_write_json(self.run_dir / _RESULT, result)
         return result
 
     # -- the run ---------------------------------------------------------------------------------------
