@@ -322,16 +322,15 @@ class PatchMixer(nn.Module):
         super().__init__()
         D, Dm, eps = cfg.dim, cfg.mixer_dim, cfg.norm_eps
         proj = cfg.has_mixer_proj
-        self.proj_in = (
-            nn.Sequential(layer_norm(D, eps), nn.Linear(D, Dm, bias=False))
-            if proj
-            else nn.Identity()
-        )
-        self.proj_ctx = (
-            nn.Sequential(layer_norm(D, eps), nn.Linear(D, Dm, bias=False))
-            if proj
-            else nn.Identity()
-        )
+
+        def projection(d_in: int, d_out: int) -> nn.Module:
+            # LayerNorm + bias-free Linear between the backbone and mixer widths.
+            if not proj:
+                return nn.Identity()
+            return nn.Sequential(layer_norm(d_in, eps), nn.Linear(d_in, d_out, bias=False))
+
+        self.proj_in = projection(D, Dm)
+        self.proj_ctx = projection(D, Dm)
         base = int(Dm * cfg.mixer_ffn_ratio)
         self.blocks = nn.ModuleList(
             MicroDiTBlock(
@@ -340,11 +339,7 @@ class PatchMixer(nn.Module):
             for j in range(cfg.mixer_depth)
         )
         # Applied after masking, on the kept tokens only.
-        self.proj_out = (
-            nn.Sequential(layer_norm(Dm, eps), nn.Linear(Dm, D, bias=False))
-            if proj
-            else nn.Identity()
-        )
+        self.proj_out = projection(Dm, D)
 
     def forward(self, x: Tensor, c: Tensor, ctx: Tensor, ctx_mask: Tensor | None) -> Tensor:
         x = self.proj_in(x)  # (N, T, Dm)

@@ -6,14 +6,14 @@
 #
 # The sweep (`budget-lab sweep mask_ratio`) is not built yet; until it is, this is the most
 # complete job budget-lab runs, and the README says so. Re-running resumes every step.
-# Knobs: DEMO_DIR (default: demo/), DEMO_N (synthetic images, default 2000).
+# Knobs: DEMO_DIR (default: demo/), DEMO_N (synthetic images, default 5000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH" WANDB_MODE=${WANDB_MODE:-offline} HF_HUB_OFFLINE=1
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 DIR=${DEMO_DIR:-demo}
-N=${DEMO_N:-2000}
+N=${DEMO_N:-5000}
 mkdir -p "$DIR"
 cd "$DIR"
 step() { echo; echo "== $* ($(date +%T))"; }

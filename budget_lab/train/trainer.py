@@ -30,7 +30,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from budget_lab.config import RunConfig, edm_config, model_config, run_config_to_dict
 from budget_lab.config.schema import PhaseConfig
-from budget_lab.errors import ConfigError, DataError, TrainingError
+from budget_lab.errors import ConfigError, DataError, TrainingError, UserError
 from budget_lab.io import atomic_write_json, atomic_write_text
 from budget_lab.train.checkpoint import CheckpointStore
 from model.edm import EDMConfig, EDMPrecond, edm_loss
@@ -127,7 +127,6 @@ class Trainer:
         if precision == "auto":
             precision = "bf16" if use_gpu else "no"
         accelerator = Accelerator(mixed_precision=precision, cpu=not use_gpu)
-        self.accelerator = accelerator
         device = accelerator.device
         main = accelerator.is_main_process
 
@@ -265,7 +264,7 @@ class Trainer:
                     )
 
                 batches = iter(loader)
-                window_loss, window_images, window_time = 0.0, 0, 0.0
+                window_loss, window_steps, window_time = 0.0, 0, 0.0
                 while state["phase_step"] < phase.steps:
                     t0 = time.perf_counter()
                     step_loss = 0.0
@@ -318,20 +317,19 @@ class Trainer:
                     dt = time.perf_counter() - t0
                     state["train_seconds"] += dt
                     window_loss += step_loss
-                    window_images += images
+                    window_steps += 1
                     window_time += dt
 
                     if (
                         state["global_step"] % cfg.log_every == 0
                         or state["phase_step"] == phase.steps
                     ):
-                        n = max(round(window_images / images), 1)
                         row = {
                             "step": state["global_step"],
                             "phase": phase.name,
                             "phase_step": state["phase_step"],
-                            "loss": window_loss / n,
-                            "images_per_s": window_images / max(window_time, 1e-9),
+                            "loss": window_loss / window_steps,
+                            "images_per_s": window_steps * images / max(window_time, 1e-9),
                             "lr": scheduler.get_last_lr()[0],
                             "mask_ratio": phase.mask_ratio,
                             "images_seen": state["images_seen"],
@@ -351,7 +349,7 @@ class Trainer:
                             bar.set_postfix_str(
                                 f"{phase.name} loss {row['loss']:.4f} {row['images_per_s']:.0f} img/s"
                             )
-                        window_loss, window_images, window_time = 0.0, 0, 0.0
+                        window_loss, window_steps, window_time = 0.0, 0, 0.0
                     if bar is not None:
                         bar.update(1)
 
@@ -378,14 +376,9 @@ class Trainer:
                     self._sample_grid(ema.module if ema is not None else net, phase, device)
                 phase_states = None
             return self._result(status=status, **state, phases=[asdict(p) for p in cfg.phases])
-        except TrainingError as err:
-            self._result(status="failed", error=str(err), **state)
-            raise
-        except (ConfigError, DataError):
-            self._result(status="failed", **state)
-            raise
         except BaseException as err:
-            self._result(status="failed", error=f"{type(err).__name__}: {err}", **state)
+            error = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
+            self._result(status="failed", error=error, **state)
             raise
         finally:
             if bar is not None:
