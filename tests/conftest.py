@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import string
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,50 @@ def train_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         progress=False,
     )
     return root / "latents"
+
+
+# ------------------------------------------------------------------------------------------
+# CLIP score (tests/test_clip_score.py, tests/test_eval_run.py): a tiny random CLIP, offline.
+# ------------------------------------------------------------------------------------------
+
+
+def _tiny_clip_vocab() -> dict[str, int]:
+    """Byte-level BPE vocabulary without merges: letters and digits, alone and word-final."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in string.ascii_lowercase + string.digits:
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    return vocab
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random CLIP (hidden 32, 2 layers, 32 px images, patch 8) with its processor, saved."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    path = tmp_path_factory.mktemp("tiny_clip")
+    vocab = _tiny_clip_vocab()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    common = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2}
+    config = CLIPConfig(
+        text_config={
+            **common,
+            "num_attention_heads": 4,
+            "vocab_size": len(vocab),
+            "max_position_embeddings": 32,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 1,
+        },
+        vision_config={**common, "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(path)
+    return path

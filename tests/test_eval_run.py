@@ -9,7 +9,7 @@ from budget_lab.config import compose_run
 from budget_lab.train import Trainer
 
 
-def test_eval_trained_and_untrained(train_data_dir, tmp_path, capsys):
+def test_eval_trained_and_untrained(train_data_dir, tiny_clip_dir, tmp_path, capsys):
     cfg = compose_run(
         "nano",
         [
@@ -28,7 +28,7 @@ def test_eval_trained_and_untrained(train_data_dir, tmp_path, capsys):
     run = tmp_path / "run"
     Trainer(cfg, run, progress=False).run()
     assert cli_main(["eval", str(run), "--untrained"]) == 0
-    assert cli_main(["eval", str(run)]) == 0
+    assert cli_main(["eval", str(run), "--clip-model", str(tiny_clip_dir)]) == 0
     trained = json.loads((run / "eval.json").read_text())
     untrained = json.loads((run / "eval-untrained.json").read_text())
     for r in (trained, untrained):
@@ -36,6 +36,8 @@ def test_eval_trained_and_untrained(train_data_dir, tmp_path, capsys):
         assert r["sampler_steps"] == 2
     assert trained["weights"].startswith("EMA of step-000000005.pt")
     assert trained["fid"] != untrained["fid"]
+    assert 0 <= trained["clip_score"] <= 100 and trained["clip_model"] == str(tiny_clip_dir)
+    assert untrained["clip_score"] is None  # no CLIP model configured
     assert (run / "samples" / "eval-trained.png").is_file()
     # the reference statistics are cached beside the data and reused
     assert list(train_data_dir.glob("fid-ref-32-16.npz"))

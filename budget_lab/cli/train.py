@@ -63,6 +63,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--cfg-scale", type=float, default=None, help="guidance scale (default: eval.cfg_scale)"
     )
     ev.add_argument("--untrained", action="store_true", help="score the initial weights instead")
+    ev.add_argument(
+        "--clip-model",
+        default=None,
+        help="CLIP hub id or local folder: also report the CLIP score (default: eval.clip_model)",
+    )
     ev.add_argument("--raw", action="store_true", help="score the raw weights instead of their EMA")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument(
@@ -103,6 +108,7 @@ def _eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         ema=not args.raw,
+        clip_model=args.clip_model,
     )
     print(json.dumps(result, indent=2))
     return 0

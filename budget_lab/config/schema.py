@@ -116,6 +116,9 @@ class EvalConfig:
     cfg_scale: float = 2.0  # classifier-free guidance scale (paper: 5 at scale)
     batch_size: int = 100  # images per sampling batch
     grid_size: int = 16  # images in the sample grid saved after each phase
+    clip_model: str | None = (
+        None  # CLIP hub id or local folder: adds a CLIP score to eval; None = off
+    )
 
     def __post_init__(self) -> None:
         _check(self.fid_samples >= 2, "eval.fid_samples", self.fid_samples, "expected >= 2")

@@ -66,10 +66,12 @@ def evaluate_run(
     untrained: bool = False,
     seed: int = 0,
     ema: bool = True,
+    clip_model: str | None = None,
     device: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """FID (and a sample grid) of a run; writes eval.json (or eval-untrained.json) in the run."""
+    """FID, a sample grid and (with a CLIP model configured) the CLIP score of a run; writes
+    eval.json (or eval-untrained.json) in the run folder."""
     run_dir = Path(run_dir)
     cfg, net, ckpt_path = load_run_model(run_dir, untrained=untrained, ema=ema)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -119,10 +121,18 @@ def evaluate_run(
         progress=progress,
     )
     fid = evaluator.fid(images)
+    clip_model = clip_model or cfg.eval.clip_model
+    clip_score = None
+    if clip_model:
+        from budget_lab.eval.clip_score import CLIPScorer
+
+        clip_score = CLIPScorer(clip_model, device=dev).score(images, texts)
     tag = "untrained" if untrained else ("trained" if ema else "trained-raw")
     grid = save_grid(images[:16], run_dir / "samples" / f"eval-{tag}.png", captions=texts[:16])
     result = {
         "fid": fid,
+        "clip_score": clip_score,
+        "clip_model": clip_model,
         "weights": "initial (untrained)"
         if untrained
         else f"{'EMA' if ema else 'raw weights'} of {ckpt_path.name}",
