@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from budget_lab.data.encoders import resolve_device
 from budget_lab.errors import ConfigError, DataError, UserError
 
 __all__ = ["CLIPScorer"]
@@ -74,12 +75,7 @@ class CLIPScorer:
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"CLIP batch_size must be a positive integer, got {batch_size!r}")
-        try:
-            self.device = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ConfigError(
-                f"CLIP device {device!r} is not a valid torch device (e.g. 'cpu', 'cuda')"
-            ) from exc
+        self.device = resolve_device(device)
         source = os.fspath(model_name_or_path)
         if not source:
             raise ConfigError(

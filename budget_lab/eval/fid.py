@@ -58,6 +58,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from budget_lab.data.encoders import resolve_device
 from budget_lab.errors import ConfigError, DataError, UserError
 from budget_lab.io import atomic_write
 
@@ -509,12 +510,7 @@ class FIDEvaluator:
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"FID batch_size must be a positive integer, got {batch_size!r}")
-        try:
-            self.device = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ConfigError(
-                f"FID device {device!r} is not a valid torch device (e.g. 'cpu', 'cuda', 'cuda:1')"
-            ) from exc
+        self.device = resolve_device(device)
         self.batch_size = batch_size
         self.progress = progress
         extractor = feature_extractor if feature_extractor is not None else InceptionFeatures()
