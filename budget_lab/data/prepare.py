@@ -76,6 +76,7 @@ import itertools
 import json
 import os
 import sys
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -135,19 +136,20 @@ class _Item:
     image: Path | bytes | None
 
 
-class _Source:
+class _Source(ABC):
     """The inputs of one split, in a fixed order."""
 
+    @abstractmethod
     def count(self) -> int:
         """How many inputs `__iter__` yields."""
-        raise NotImplementedError
 
+    @abstractmethod
     def __iter__(self) -> Iterator[_Item]:
-        raise NotImplementedError
+        """The inputs, in a fixed order."""
 
+    @abstractmethod
     def describe(self) -> str:
         """A short description for messages."""
-        raise NotImplementedError
 
 
 class _FolderSource(_Source):
