@@ -27,7 +27,7 @@ from budget_lab.io import atomic_write_json
 from budget_lab.train.checkpoint import CheckpointStore
 from model.microdit import MicroDiT
 
-__all__ = ["evaluate_run", "load_run_model"]
+__all__ = ["evaluate_run", "load_run_model", "score_model"]
 
 
 def load_run_model(run_dir: str | os.PathLike[str], untrained: bool = False, ema: bool = True):
@@ -58,24 +58,21 @@ def load_run_model(run_dir: str | os.PathLike[str], untrained: bool = False, ema
     return cfg, net, path
 
 
-def evaluate_run(
-    run_dir: str | os.PathLike[str],
+def score_model(
+    net,
+    cfg,
     num_samples: int | None = None,
     sampler_steps: int | None = None,
     cfg_scale: float | None = None,
-    untrained: bool = False,
     seed: int = 0,
-    ema: bool = True,
-    clip_model: str | None = None,
-    device: str | None = None,
+    device: torch.device | str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """FID, a sample grid and (with a CLIP model configured) the CLIP score of a run; writes
-    eval.json (or eval-untrained.json) in the run folder."""
-    run_dir = Path(run_dir)
-    cfg, net, ckpt_path = load_run_model(run_dir, untrained=untrained, ema=ema)
+    """Real Inception FID of a model (a MicroDiT, e.g. a run's EMA weights in memory) against the
+    run's validation split. Returns {"fid", "images", "texts", "num_samples", "num_reference",
+    "sampler_steps", "cfg_scale", "resolution", "seconds"}; the reference statistics are cached
+    beside the data."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    net = net.to(dev)
     data_dir = Path(cfg.data.path)
     if not (data_dir / "manifest.json").is_file():
         raise DataError(
@@ -120,7 +117,39 @@ def evaluate_run(
         device=dev,
         progress=progress,
     )
-    fid = evaluator.fid(images)
+    return {
+        "fid": evaluator.fid(images),
+        "images": images,
+        "texts": texts,
+        "num_samples": n,
+        "num_reference": n_ref,
+        "sampler_steps": edm.num_steps,
+        "cfg_scale": edm.cfg_scale,
+        "resolution": info.resolution,
+        "seconds": time.time() - t0,
+    }
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike[str],
+    num_samples: int | None = None,
+    sampler_steps: int | None = None,
+    cfg_scale: float | None = None,
+    untrained: bool = False,
+    seed: int = 0,
+    ema: bool = True,
+    clip_model: str | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """FID, a sample grid and (with a CLIP model configured) the CLIP score of a run; writes
+    eval.json (or eval-untrained.json) in the run folder."""
+    run_dir = Path(run_dir)
+    cfg, net, ckpt_path = load_run_model(run_dir, untrained=untrained, ema=ema)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    net = net.to(dev)
+    scored = score_model(net, cfg, num_samples, sampler_steps, cfg_scale, seed, dev, progress)
+    fid, images, texts = scored["fid"], scored["images"], scored["texts"]
     clip_model = clip_model or cfg.eval.clip_model
     clip_score = None
     if clip_model:
@@ -136,14 +165,11 @@ def evaluate_run(
         "weights": "initial (untrained)"
         if untrained
         else f"{'EMA' if ema else 'raw weights'} of {ckpt_path.name}",
-        "num_samples": n,
-        "num_reference": n_ref,
-        "sampler_steps": edm.num_steps,
-        "cfg_scale": edm.cfg_scale,
+        **{k: scored[k] for k in ("num_samples", "num_reference", "sampler_steps", "cfg_scale")},
         "seed": seed,
-        "resolution": info.resolution,
+        "resolution": scored["resolution"],
         "grid": str(grid),
-        "seconds": time.time() - t0,
+        "seconds": scored["seconds"],
     }
     out = run_dir / {"untrained": "eval-untrained.json", "trained": "eval.json"}.get(
         tag, f"eval-{tag}.json"

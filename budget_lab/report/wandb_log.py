@@ -42,7 +42,7 @@ def init_wandb_run(cfg: RunConfig, run_dir: str | os.PathLike[str], segment: int
     mode = wandb_mode(cfg.wandb.mode)
     if mode == "offline" and cfg.wandb.mode == "auto":
         print("W&B: no API key found, logging offline (sync later with `wandb sync`)", flush=True)
-    return wandb.init(
+    run = wandb.init(
         project=cfg.wandb.project,
         entity=cfg.wandb.entity,
         id=wandb_run_id(run_dir),
@@ -53,3 +53,8 @@ def init_wandb_run(cfg: RunConfig, run_dir: str | os.PathLike[str], segment: int
         config={**run_config_to_dict(cfg), "segment": segment},
         settings=wandb.Settings(silent=True, console="off"),
     )
+    # Dollars as an x-axis: cost_usd only grows (the job's clock counts every segment, requeues
+    # included), so charts against it never fold back the way a step axis does after a requeue.
+    run.define_metric("train/cost_usd")
+    run.define_metric("train/*", step_metric="train/cost_usd")
+    return run

@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -36,9 +36,12 @@ from budget_lab.train.checkpoint import CheckpointStore
 from model.edm import EDMConfig, EDMPrecond, edm_loss
 from model.microdit import MicroDiT
 
-__all__ = ["Trainer", "read_result", "lr_factor"]
+__all__ = ["Trainer", "read_result", "lr_factor", "request_stop_file", "STOP_FILE"]
 
 _RESULT = "result.json"
+#: A file a controller drops into a run folder to stop it at the next step, with a checkpoint
+#: (a budget cap, a pruned sweep trial). Its JSON says why; the run ends with status "cut".
+STOP_FILE = "STOP"
 
 
 def lr_factor(phase: PhaseConfig, step: int) -> float:
@@ -57,6 +60,14 @@ def read_result(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def request_stop_file(run_dir: str | os.PathLike[str], reason: str) -> Path:
+    """Ask a running (or queued) run to checkpoint and stop with status "cut", from any process
+    on any machine that shares the run folder."""
+    path = Path(run_dir) / STOP_FILE
+    atomic_write_json(path, {"reason": reason, "time": time.time()})
+    return path
+
+
 class Trainer:
     """Runs the phases of a `RunConfig` in `run_dir`, resuming from its latest checkpoint."""
 
@@ -66,12 +77,21 @@ class Trainer:
         run_dir: str | os.PathLike[str],
         progress: bool = True,
         stop_at_step: int | None = None,
+        cost_fn: Callable[[], dict[str, float]] | None = None,
+        step_callback: Callable[[dict[str, Any]], None] | None = None,
     ):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.progress = progress
         # Test and tooling hook: behave as if a stop signal arrived after this global step.
         self.stop_at_step = stop_at_step
+        # Set by the job wrapper: returns the run's spend so far ({"cost_usd", "gpu_hours"},
+        # previous segments included) so metrics and W&B carry cost as a monotonic axis.
+        self.cost_fn = cost_fn
+        # Called after every optimizer step (after any checkpoint) with {"state", "phase",
+        # "phase_done", "last_phase", "model" (EMA weights if any), "device"}: sweep jobs use it to
+        # measure FID at dollar rungs. Main process only.
+        self.step_callback = step_callback
         self.model_cfg = model_config(cfg)
         self.edm_cfg: EDMConfig = edm_config(cfg)
         self.store = CheckpointStore(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep)
@@ -122,6 +142,9 @@ class Trainer:
 
         cfg = self.cfg
         self._prepare_run_dir()
+        if (self.run_dir / STOP_FILE).is_file():  # cut before it started (or while queued)
+            reason = _read_stop_reason(self.run_dir / STOP_FILE)
+            return self._result(status="cut", cut_reason=reason)
         use_gpu = torch.cuda.is_available()
         precision = cfg.mixed_precision
         if precision == "auto":
@@ -189,6 +212,7 @@ class Trainer:
                 total=total_steps, initial=state["global_step"], unit="step", dynamic_ncols=True
             )
         status = "completed"
+        cut_reason: str | None = None
         try:
             for phase_idx in range(state["phase"], len(cfg.phases)):
                 phase = cfg.phases[phase_idx]
@@ -241,7 +265,7 @@ class Trainer:
                     accelerator.wait_for_everyone()
                     if not main:
                         return None
-                    return self.store.save(
+                    path = self.store.save(
                         state["global_step"],
                         {
                             "version": 1,
@@ -262,6 +286,17 @@ class Trainer:
                             **state,
                         },
                     )
+                    # What the ledger needs to price work lost at a preemption.
+                    with open(self.run_dir / "checkpoints.jsonl", "a") as f:
+                        row = {
+                            "step": state["global_step"],
+                            "phase": phase.name,
+                            "segment": segment,
+                            "time": time.time(),
+                            "path": str(path),
+                        }
+                        f.write(json.dumps(row) + "\n")
+                    return path
 
                 batches = iter(loader)
                 window_loss, window_steps, window_time = 0.0, 0, 0.0
@@ -337,13 +372,17 @@ class Trainer:
                             "segment": segment,
                             "time": time.time(),
                         }
+                        if self.cost_fn is not None:
+                            row.update(self.cost_fn())
                         if metrics_file is not None:
                             metrics_file.write(json.dumps(row) + "\n")
                             metrics_file.flush()
                         if wandb_run is not None:
+                            # No explicit step: after a requeue the global step repeats the
+                            # steps lost since the checkpoint, and W&B would drop those rows.
                             wandb_run.log(
-                                {f"train/{k}": v for k, v in row.items() if k != "phase"},
-                                step=row["step"],
+                                {f"train/{k}": v for k, v in row.items() if k != "phase"}
+                                | {"train/phase_index": phase_idx}
                             )
                         if bar is not None:
                             bar.set_postfix_str(
@@ -355,6 +394,14 @@ class Trainer:
 
                     if self.stop_at_step is not None and state["global_step"] >= self.stop_at_step:
                         self._stop_requested.set()
+                    stop_file = self.run_dir / STOP_FILE
+                    if cut_reason is None and stop_file.is_file():
+                        cut_reason = _read_stop_reason(stop_file)
+                        self._stop_requested.set()
+                    if accelerator.num_processes > 1:
+                        # A signal reaches one rank (submitit checkpoints on rank 0 only): every
+                        # rank must save and stop at the same step, so agree on the flags.
+                        self._sync_requests(accelerator)
                     at_interval = state["global_step"] % cfg.checkpoint.every == 0
                     phase_done = state["phase_step"] == phase.steps
                     if (
@@ -365,11 +412,23 @@ class Trainer:
                     ):
                         save()
                         self._checkpoint_requested.clear()
+                    if self.step_callback is not None and main:
+                        self.step_callback(
+                            {
+                                "state": dict(state),
+                                "phase": phase,
+                                "phase_done": phase_done,
+                                "last_phase": phase_idx == len(cfg.phases) - 1,
+                                "model": ema.module if ema is not None else net,
+                                "device": device,
+                            }
+                        )
                     if self._stop_requested.is_set() and not (
                         phase_done and phase_idx == len(cfg.phases) - 1
                     ):
-                        status = "interrupted"
-                        return self._result(status=status, **state)
+                        status = "interrupted" if cut_reason is None else "cut"
+                        extra = {} if cut_reason is None else {"cut_reason": cut_reason}
+                        return self._result(status=status, **extra, **state)
 
                 # End of phase: a sample grid from the EMA weights.
                 if main and cfg.eval.grid_size > 0:
@@ -435,6 +494,18 @@ class Trainer:
 
         return init_wandb_run(self.cfg, self.run_dir, segment)
 
+    def _sync_requests(self, accelerator) -> None:
+        flags = torch.tensor(
+            [self._checkpoint_requested.is_set(), self._stop_requested.is_set()],
+            dtype=torch.float32,
+            device=accelerator.device,
+        )
+        flags = accelerator.reduce(flags, reduction="sum")
+        if flags[0] > 0:
+            self._checkpoint_requested.set()
+        if flags[1] > 0:
+            self._stop_requested.set()
+
     def _install_signal_handlers(self) -> dict[int, Any]:
         """SIGUSR1: checkpoint now; SIGTERM / SIGINT: checkpoint and stop. Main thread only."""
         if threading.current_thread() is not threading.main_thread():
@@ -450,3 +521,10 @@ class Trainer:
     def _restore_signal_handlers(old: dict[int, Any]) -> None:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+
+
+def _read_stop_reason(path: Path) -> str:
+    try:
+        return str(json.loads(path.read_text()).get("reason", "stop requested"))
+    except (OSError, ValueError):
+        return "stop requested"

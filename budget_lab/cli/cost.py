@@ -1,0 +1,260 @@
+"""`budget-lab cost ...`: the dollar ledger - sync it, report from it, calibrate estimates."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from datetime import datetime, timezone
+
+from budget_lab.workspace import Workspace, add_workspace_argument
+
+_REPORT_EPILOG = """\
+examples:
+  budget-lab cost report                                 # every run, useful and wasted $
+  budget-lab cost report --sweep mask_ratio --by trial   # one sweep, per trial
+  budget-lab cost report --by day --since 2026-11-01 --format csv > november.csv
+  budget-lab cost report --run nano-001 --by phase --format json
+Run `budget-lab cost sync` first to bring the ledger up to date.
+"""
+
+_SYNC_EPILOG = """\
+examples:
+  budget-lab cost sync                          # every launched run folder of the workspace
+  budget-lab cost sync --run mask_ratio-007     # one run
+Slurm runs are read from sacct (run it where the Slurm client tools work); local runs from their
+segments.jsonl. Spot clusters read the AWS spot price history with your usual AWS credentials.
+"""
+
+_CALIBRATE_EPILOG = """\
+examples:
+  budget-lab cost calibrate --list
+  budget-lab cost calibrate --preset nano --mask-ratio 0.75            # time a short benchmark here
+  budget-lab cost calibrate --preset MicroDiT-XL/2 --mask-ratio 0.75 --batch 64 --device H100
+  budget-lab cost calibrate --from-run nano-001                        # a finished run's images/s
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    group = sub.add_parser(
+        "cost",
+        help="the dollar ledger: sync, report, calibrate estimates",
+        description=(
+            "What every run cost: one ledger row per segment (each time a job ran), priced from "
+            "the cluster's price model, useful and wasted dollars apart."
+        ),
+    )
+    group_sub = group.add_subparsers(dest="cost_command", metavar="SUBCOMMAND", required=True)
+
+    from budget_lab.ledger.report import FORMATS
+    from budget_lab.ledger.store import REPORT_GROUPS
+
+    report = group_sub.add_parser(
+        "report",
+        help="spend grouped by run, phase, cluster, day or trial",
+        description=(
+            "Useful and wasted dollars, GPU-hours and price sources from the ledger, grouped in "
+            "the database. Estimated dollars (a spot catalog fallback) are flagged."
+        ),
+        epilog=_REPORT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_workspace_argument(report)
+    report.add_argument("--sweep", default=None, help="only this sweep's trials")
+    report.add_argument("--run", default=None, help="only this run")
+    report.add_argument("--cluster", default=None, help="only this cluster")
+    report.add_argument(
+        "--by", choices=list(REPORT_GROUPS), default="run", help="group rows by (default: run)"
+    )
+    report.add_argument("--format", choices=FORMATS, default="table", help="default: table")
+    report.add_argument(
+        "--since",
+        default=None,
+        metavar="YYYY-MM-DD",
+        help="only spend after this UTC date (segments across it count in part)",
+    )
+    report.set_defaults(func=_report)
+
+    sync = group_sub.add_parser(
+        "sync",
+        help="price every launched run folder of the workspace into the ledger",
+        description=(
+            "Read each launched run folder (launch.json; sacct for Slurm, segments.jsonl for "
+            "local runs), price its segments and upsert them: running it again updates, never "
+            "duplicates."
+        ),
+        epilog=_SYNC_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_workspace_argument(sync)
+    sync.add_argument("--run", action="append", default=None, help="only this run (repeatable)")
+    sync.add_argument(
+        "--sacct-wait",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds to wait for sacct rows of just-finished jobs (default 30)",
+    )
+    sync.set_defaults(func=_sync)
+
+    cal = group_sub.add_parser(
+        "calibrate",
+        help="measure training throughput for cost estimates",
+        description=(
+            "Record images/s per device for a preset, resolution and mask ratio in the "
+            "workspace's calibration.json: from a short benchmark on this machine, or from a "
+            "finished run's metrics. Estimates (launch --dry-run) use the newest entry."
+        ),
+        epilog=_CALIBRATE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_workspace_argument(cal)
+    how = cal.add_mutually_exclusive_group(required=True)
+    how.add_argument("--preset", default=None, help="benchmark this model preset here")
+    how.add_argument(
+        "--from-run", default=None, metavar="RUN", help="a finished run's name or folder"
+    )
+    how.add_argument("--list", action="store_true", help="print the calibration entries")
+    cal.add_argument("--mask-ratio", type=float, default=0.0, help="benchmark: default 0")
+    cal.add_argument("--res", type=int, default=None, help="benchmark: pixels (default: preset's)")
+    cal.add_argument("--batch", type=int, default=8, help="benchmark: images per step (default 8)")
+    cal.add_argument("--steps", type=int, default=5, help="benchmark: timed steps (default 5)")
+    cal.add_argument(
+        "--device",
+        default=None,
+        help="device type as clusters/*.yaml name it (default: this machine's; --from-run: the "
+        "run's cluster gpu_type)",
+    )
+    cal.set_defaults(func=_calibrate)
+
+
+def _log_warnings() -> None:
+    logger = logging.getLogger("budget_lab.ledger")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("budget-lab: warning: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def _since(value: str | None) -> float | None:
+    from budget_lab.errors import ConfigError
+
+    if value is None:
+        return None
+    try:
+        day = datetime.strptime(value, "%Y-%m-%d")
+    except ValueError:
+        raise ConfigError(f"--since {value!r} is not a date: expected YYYY-MM-DD") from None
+    return day.replace(tzinfo=timezone.utc).timestamp()
+
+
+def _report(args: argparse.Namespace) -> int:
+    from budget_lab.ledger.report import format_report
+    from budget_lab.ledger.store import Ledger
+
+    workspace = Workspace.from_args(args.workspace)
+    with Ledger.for_workspace(workspace) as ledger:
+        rows = ledger.report(
+            args.by, sweep=args.sweep, run=args.run, cluster=args.cluster, since=_since(args.since)
+        )
+        where = ledger.display_url
+    if not rows and args.format == "table":
+        print(
+            f"no segments in the ledger at {where} for this selection: `budget-lab cost sync` "
+            "brings it up to date with the workspace's runs",
+            file=sys.stderr,
+        )
+        return 0
+    title = f"cost by {args.by}" + (f", sweep {args.sweep}" if args.sweep else "")
+    title += f", run {args.run}" if args.run else ""
+    text = format_report(rows, by=args.by, fmt=args.format, title=title)
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return 0
+
+
+def _sync(args: argparse.Namespace) -> int:
+    from budget_lab.ledger.store import Ledger
+    from budget_lab.ledger.sync import sync_workspace
+
+    _log_warnings()
+    workspace = Workspace.from_args(args.workspace)
+    with Ledger.for_workspace(workspace) as ledger:
+        report = sync_workspace(ledger, workspace, runs=args.run, sacct_wait_s=args.sacct_wait)
+        spent, wasted = ledger.spent(), ledger.wasted()
+    print(
+        f"synced {report.runs} run(s): {report.inserted} new, {report.updated} updated, "
+        f"{report.unchanged} unchanged segment(s); the ledger holds ${spent:,.2f} "
+        f"(${wasted:,.2f} wasted)"
+    )
+    if report.skipped:
+        print(f"not launched (no launch.json), skipped: {', '.join(report.skipped)}")
+    for run, error in report.errors.items():
+        print(f"budget-lab: error: {run}: {error}", file=sys.stderr)
+    return 1 if report.errors else 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from budget_lab.errors import ConfigError
+    from budget_lab.ledger.calibration import (
+        Calibration,
+        calibrate_benchmark,
+        calibrate_from_run,
+        device_of,
+    )
+    from budget_lab.ledger.sync import read_launch
+
+    workspace = Workspace.from_args(args.workspace)
+    if args.list:
+        for e in Calibration.load(workspace).all_entries():
+            print(
+                f"{e.preset:<16} {e.resolution:>5}px r={e.mask_ratio:<5g} {e.device:<10} "
+                f"{e.images_per_s:>12,.2f} img/s/device  [{e.source}]"
+            )
+        return 0
+    if args.from_run:
+        run_dir = Path(args.from_run)
+        if not run_dir.is_dir():
+            run_dir = workspace.run_dir(args.from_run)
+        if not run_dir.is_dir():
+            raise ConfigError(
+                f"no run folder {args.from_run!r} (looked in {workspace.runs_dir}); pass a run "
+                "name of the workspace or a path"
+            )
+        device, devices = args.device, 1
+        launch = read_launch(run_dir)
+        if launch is not None:
+            devices = max(int(launch.get("nodes", 1)) * int(launch.get("gpus_per_node", 0)), 1)
+            if device is None:
+                from budget_lab.launch.cluster import load_cluster
+
+                device = device_of(load_cluster(str(launch["cluster"])))
+        entries = calibrate_from_run(
+            workspace, run_dir, device_type=device or "cpu", devices=devices
+        )
+    else:
+        from model.config import PRESETS
+
+        if args.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {args.preset!r}; valid: {', '.join(PRESETS)}")
+        if not 0.0 <= args.mask_ratio < 1.0:
+            raise ConfigError(f"--mask-ratio {args.mask_ratio} is invalid: expected [0, 1)")
+        entries = [
+            calibrate_benchmark(
+                workspace,
+                args.preset,
+                mask_ratio=args.mask_ratio,
+                resolution=args.res,
+                device_type=args.device,
+                batch=args.batch,
+                steps=args.steps,
+            )
+        ]
+    for e in entries:
+        print(
+            f"recorded {e.preset} {e.resolution}px r={e.mask_ratio:g} on {e.device}: "
+            f"{e.images_per_s:,.2f} images/s per device ({e.source}) in {workspace.calibration_path}"
+        )
+    return 0

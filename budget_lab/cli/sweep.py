@@ -1,0 +1,170 @@
+"""`budget-lab sweep NAME|PATH`: an Optuna sweep judged on FID and dollars."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+_EPILOG = """\
+examples:
+  budget-lab sweep mask_ratio                         the main job: local, SQLite, built-in data
+  budget-lab sweep mask_ratio --trials 3 --budget-usd 0.05
+  budget-lab sweep experts --cluster slurm-local      trials as Slurm jobs
+  budget-lab sweep sweeps/my-sweep.yaml phases.0.batch_size=32
+  budget-lab sweep joint --storage postgresql+psycopg://me@db/optuna   several controllers
+
+Run the same command again after a crash (or Ctrl-C): the study resumes, running jobs are
+re-attached, finished ones are told, nothing runs twice. Results: WORKSPACE/sweeps/NAME/
+(study.db, summary.json, report/index.html); the spend is in the workspace ledger
+(`budget-lab cost report --sweep NAME`). Sweep files: sweeps/*.yaml (see sweeps/README.md).
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from budget_lab.workspace import add_workspace_argument
+
+    p = sub.add_parser(
+        "sweep",
+        help="run (or resume) a sweep over mask ratio, experts, width... against FID per dollar",
+        description="Optuna ask/tell over launched training jobs; FID and $ per trial.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("sweep", help="sweep name from sweeps/ (mask_ratio, experts, ...) or a YAML path")
+    p.add_argument("--cluster", default=None, help="cluster name or YAML (default: the sweep's)")
+    p.add_argument("--budget-usd", type=float, default=None, help="total $ cap (default: the sweep's)")
+    p.add_argument("--trials", type=int, default=None, help="number of trials (default: the sweep's)")
+    p.add_argument("--slots", type=int, default=None, help="parallel jobs (default: the sweep's)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite in the workspace)")
+    p.add_argument("--no-report", action="store_true", help="skip the HTML report at the end")
+    add_workspace_argument(p)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run config overrides for every trial")
+    p.set_defaults(func=_sweep)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from budget_lab.config import compose_run
+    from budget_lab.errors import ConfigError, DataError
+    from budget_lab.io import atomic_write_json
+    from budget_lab.launch.cluster import load_cluster
+    from budget_lab.sweep import load_sweep
+    from budget_lab.sweep.controller import SweepController, ensure_builtin_data
+    from budget_lab.workspace import Workspace
+
+    t0 = time.time()
+    spec = load_sweep(args.sweep)
+    if args.slots is not None:
+        if args.slots < 1:
+            raise ConfigError(f"--slots={args.slots} is invalid: expected >= 1")
+        spec = replace(spec, slots=args.slots)
+    if args.trials is not None and args.trials < 1:
+        raise ConfigError(f"--trials={args.trials} is invalid: expected >= 1")
+    workspace = Workspace.from_args(args.workspace).ensure()
+    cluster = load_cluster(args.cluster or spec.cluster)
+    overrides = list(args.overrides)
+
+    # The data: the built-in synthetic set is made on first use; a user's data must exist.
+    probe = compose_run(spec.recipe, list(spec.base_overrides) + overrides)
+    data = Path(probe.data.path)
+    if not (data / "manifest.json").is_file():
+        if not any(o.startswith("data.path=") for o in overrides) and not data.is_absolute():
+            data = ensure_builtin_data(workspace.root / "data" / "synth-latents")
+            overrides.append(f"data.path={data}")
+        else:
+            raise DataError(
+                f"no prepared data at data.path={str(data)!r} (no manifest.json); prepare it with "
+                "`budget-lab data prepare`, or leave data.path unset for the built-in data"
+            )
+
+    print(
+        f"sweep {spec.name}: objective {spec.objective}, {args.trials or spec.n_trials} trials, "
+        f"{spec.slots} slot(s) on {cluster.name}, budget "
+        + (f"${(args.budget_usd or spec.budget_usd):.4f}" if (args.budget_usd or spec.budget_usd) else "none")
+    )
+    controller = SweepController(
+        spec,
+        workspace,
+        cluster,
+        budget_usd=args.budget_usd,
+        n_trials=args.trials,
+        storage=args.storage,
+        overrides=overrides,
+    )
+    summary = controller.run()
+    write_sweep_outputs(controller, summary, report=not args.no_report)
+    _print_summary(summary, time.time() - t0)
+    return 0
+
+
+def write_sweep_outputs(controller, summary, report: bool = True) -> None:
+    """sweep.json (state), summary.json (the report data) and the HTML report."""
+    from budget_lab.io import atomic_write_json
+    from budget_lab.report.data import report_data_to_json
+    from budget_lab.report.load import load_report_data
+    from budget_lab.sweep import objective_formula
+
+    workspace, spec = controller.workspace, controller.spec
+    folder = workspace.sweep_dir(spec.name)
+    atomic_write_json(
+        folder / "sweep.json",
+        {
+            "sweep": spec.name,
+            "objective": spec.objective,
+            "objective_formula": objective_formula(spec),
+            "stop_reason": summary.stop_reason,
+            "budget_usd": summary.budget_usd,
+            "spent_usd": summary.spent_usd,
+            "pareto": summary.pareto,
+            "best": summary.best,
+            "storage": summary.study_storage,
+            "cluster": controller.cluster.name,
+            "updated_at": time.time(),
+        },
+    )
+    data = load_report_data(workspace, spec.name, storage=summary.study_storage)
+    path = folder / "summary.json"
+    path.write_text(report_data_to_json(data))
+    summary.summary_path = str(path)
+    if report:
+        from budget_lab.report.html import write_html_report
+
+        summary.report_path = str(write_html_report(data, folder / "report"))
+
+
+def _print_summary(summary, seconds: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"sweep {summary.sweep} ({summary.objective})")
+    for col in ("trial", "state", "params", "FID", "$", "pareto"):
+        table.add_column(col)
+    for t in summary.trials:
+        params = ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items()
+        )
+        table.add_row(
+            str(t["number"]),
+            t["state"],
+            params,
+            f"{t['fid']:.1f}" if t["fid"] is not None else "-",
+            f"{t['cost_usd']:.4f}",
+            "★" if t["number"] in summary.pareto else "",
+        )
+    console.print(table)
+    print(f"stopped: {summary.stop_reason}")
+    print(f"spent:   ${summary.spent_usd:.4f}" + (
+        f" of ${summary.budget_usd:.4f}" if summary.budget_usd else ""
+    ))
+    if summary.best:
+        b = summary.best
+        print(f"best:    trial {b['number']} FID {b['fid']:.1f} at ${b['cost_usd']:.4f}: {json.dumps(b['params'])}")
+    print(f"pareto front (FID vs $): trials {summary.pareto}")
+    print(f"study:   {summary.study_storage}")
+    if summary.report_path:
+        print(f"report:  {summary.report_path}")
+    print(f"took {seconds / 60:.1f} min")

@@ -1,0 +1,281 @@
+"""The job a cluster runs: the trainer wrapped as a submitit `Checkpointable`.
+
+submitit pickles a `TrainJob`, starts it on the allocated node(s) (one task per GPU) and, when
+Slurm preempts the job or its time limit nears, sends USR2; submitit then calls `checkpoint()`,
+which asks the trainer to save at its next step boundary, waits for it, and hands back a fresh
+`TrainJob` for submitit to requeue. The requeued job finds the checkpoint and resumes exactly.
+
+The trainer runs in a worker thread so the main thread stays free to take the signal while a
+step is in flight. The job also writes the run folder's `segments.jsonl` (one start and one end
+row each time it runs: the local executor's accounting, and the wrapper's view of each segment),
+keeps a live dollar figure for metrics and W&B, and, for sweep trials, measures FID at dollar
+rungs (`rungs.jsonl`) and at the end (`eval.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+__all__ = ["EvalPlan", "TrainJob", "read_jsonl", "segment_rows"]
+
+
+@dataclass
+class EvalPlan:
+    """What a sweep trial measures while it trains (all FID on the EMA weights, same N)."""
+
+    fid_samples: int = 100  # generated images per FID (the reference uses as many val images)
+    sampler_steps: int = 16  # Heun steps for those samples
+    rungs_usd: list[float] = field(default_factory=list)  # $ spent at which FID is measured
+    phase_rung: bool = False  # also measure at the end of every phase but the last
+    final_eval: bool = True  # FID of the finished run (eval.json)
+    stop_at_usd: float | None = None  # fid_at_budget: stop training once this much is spent
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines file; a torn last line (a crash mid-write) is skipped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def segment_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """One dict per time the job ran: {"attempt", "job_id", "start", "end" (None while running or
+    after a hard kill), "status", "host", "pid", "devices"}, from segments.jsonl."""
+    segments: dict[int, dict[str, Any]] = {}
+    for row in read_jsonl(run_dir / "segments.jsonl"):
+        seg = segments.setdefault(row["attempt"], {"attempt": row["attempt"], "end": None})
+        if row["event"] == "start":
+            seg.update(
+                job_id=row["job_id"],
+                start=row["time"],
+                host=row["host"],
+                pid=row["pid"],
+                devices=row["devices"],
+                status="running",
+            )
+        else:
+            seg.update(end=row["time"], status=row["status"])
+    return [segments[k] for k in sorted(segments) if "start" in segments[k]]
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """Train (and, for sweep trials, evaluate) one run folder; resumable after preemption."""
+
+    def __init__(
+        self,
+        run_dir: str,
+        config: dict[str, Any],
+        usd_per_device_hour: float,
+        devices: int,
+        eval_plan: EvalPlan | None = None,
+        max_requeues: int = 10,
+    ):
+        self.run_dir = str(run_dir)
+        self.config = config  # the resolved RunConfig as a dict (what config.yaml holds)
+        self.usd_per_device_hour = usd_per_device_hour  # the cluster's list price (ledger: truth)
+        self.devices = devices  # GPUs over all nodes (1 for a CPU-only machine)
+        self.eval_plan = eval_plan
+        self.max_requeues = max_requeues
+        self._trainer = None
+        self._thread: threading.Thread | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # the running trainer is not part of the pickle
+        state = dict(self.__dict__)
+        state.update(_trainer=None, _thread=None)
+        return state
+
+    # -- cost so far ----------------------------------------------------------------------------
+
+    def spent_usd(self, now: float | None = None) -> dict[str, float]:
+        """This run's spend by its own clock: every earlier segment plus this one so far."""
+        now = time.time() if now is None else now
+        seconds = 0.0
+        for seg in segment_rows(Path(self.run_dir)):
+            end = seg["end"] if seg["end"] is not None else now
+            seconds += max(end - seg["start"], 0.0) * seg["devices"]
+        hours = seconds / 3600
+        return {"cost_usd": hours * self.usd_per_device_hour, "gpu_hours": hours}
+
+    # -- the job --------------------------------------------------------------------------------
+
+    def __call__(self) -> dict[str, Any]:
+        from budget_lab.config import run_config_from_dict
+        from budget_lab.train.trainer import Trainer
+
+        env = submitit.JobEnvironment()
+        if env.num_tasks > 1:  # one task per GPU: torch.distributed through env:// for accelerate
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=True)
+        rank0 = env.global_rank == 0
+        run_dir = Path(self.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        attempt = len(segment_rows(run_dir))
+        if rank0:
+            _append_jsonl(
+                run_dir / "segments.jsonl",
+                {
+                    "event": "start",
+                    "attempt": attempt,
+                    "job_id": env.job_id,
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "devices": self.devices,
+                    "time": time.time(),
+                },
+            )
+        self._attempt = attempt
+        cfg = run_config_from_dict(self.config)
+        self._rungs_done = {(r["kind"], r.get("rung_usd")) for r in read_jsonl(run_dir / "rungs.jsonl")}
+        trainer = Trainer(
+            cfg,
+            run_dir,
+            progress=False,
+            cost_fn=self.spent_usd,
+            step_callback=self._after_step if (self.eval_plan and rank0) else None,
+        )
+        self._trainer = trainer
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                outcome["result"] = trainer.run()
+            except BaseException as err:  # re-raised in the main thread
+                outcome["error"] = err
+
+        self._thread = threading.Thread(target=work, name="trainer", daemon=True)
+        self._thread.start()
+        while self._thread.is_alive():  # short joins: the main thread must stay free for signals
+            self._thread.join(timeout=0.5)
+        if "error" in outcome:
+            if rank0:
+                self._end_segment("failed")
+            raise outcome["error"]
+        result = outcome["result"]
+        if rank0 and self.eval_plan is not None and self.eval_plan.final_eval:
+            if result.get("status") == "completed" or (
+                result.get("status") == "cut" and _budget_cut(result)
+            ):
+                result["eval"] = self._final_eval()
+        if rank0:
+            self._end_segment(result.get("status", "completed"))
+        return result
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission | None:
+        """Preemption or time limit: checkpoint, stop, and requeue (up to `max_requeues`)."""
+        if self._trainer is not None and self._thread is not None:
+            self._trainer.request_stop()
+            self._thread.join()
+            self._end_segment("preempted")
+        if len(segment_rows(Path(self.run_dir))) > self.max_requeues:
+            print(f"not requeued: this run already ran {self.max_requeues + 1} times", flush=True)
+            return None
+        fresh = type(self)(
+            self.run_dir,
+            self.config,
+            self.usd_per_device_hour,
+            self.devices,
+            self.eval_plan,
+            self.max_requeues,
+        )
+        return submitit.helpers.DelayedSubmission(fresh)
+
+    # -- pieces ---------------------------------------------------------------------------------
+
+    def _end_segment(self, status: str) -> None:
+        _append_jsonl(
+            Path(self.run_dir) / "segments.jsonl",
+            {"event": "end", "attempt": self._attempt, "status": status, "time": time.time()},
+        )
+
+    def _after_step(self, info: dict[str, Any]) -> None:
+        """Dollar rungs, the phase rung and the trial budget of a sweep trial."""
+        plan = self.eval_plan
+        assert plan is not None
+        spent = self.spent_usd()["cost_usd"]
+        due = [r for r in plan.rungs_usd if spent >= r and ("usd", r) not in self._rungs_done]
+        if due:
+            self._measure("usd", max(due), info, spent)
+            self._rungs_done.update(("usd", r) for r in due)
+        if plan.phase_rung and info["phase_done"] and not info["last_phase"]:
+            key = ("phase", None)
+            phase_key = ("phase:" + info["phase"].name, None)
+            if phase_key not in self._rungs_done:
+                self._measure("phase:" + info["phase"].name, None, info, spent)
+                self._rungs_done.update({key, phase_key})
+        if plan.stop_at_usd is not None and spent >= plan.stop_at_usd:
+            from budget_lab.train.trainer import request_stop_file
+
+            request_stop_file(self.run_dir, f"trial budget ${plan.stop_at_usd:.4f} reached")
+
+    def _measure(self, kind: str, rung: float | None, info: dict[str, Any], spent: float) -> None:
+        from budget_lab.config import run_config_from_dict
+        from budget_lab.eval.evaluate import score_model
+
+        plan = self.eval_plan
+        assert plan is not None
+        scored = score_model(
+            info["model"],
+            run_config_from_dict(self.config),
+            num_samples=plan.fid_samples,
+            sampler_steps=plan.sampler_steps,
+            device=info["device"],
+            progress=False,
+        )
+        row = {
+            "kind": kind,
+            "rung_usd": rung,
+            "cost_usd": spent,
+            "fid": scored["fid"],
+            "step": info["state"]["global_step"],
+            "phase": info["phase"].name,
+            "num_samples": scored["num_samples"],
+            "time": time.time(),
+        }
+        _append_jsonl(Path(self.run_dir) / "rungs.jsonl", row)
+
+    def _final_eval(self) -> dict[str, Any]:
+        from budget_lab.eval.evaluate import evaluate_run
+
+        plan = self.eval_plan
+        assert plan is not None
+        result = evaluate_run(
+            self.run_dir,
+            num_samples=plan.fid_samples,
+            sampler_steps=plan.sampler_steps,
+            progress=False,
+        )
+        result["cost_usd"] = self.spent_usd()["cost_usd"]
+        return result
+
+
+def _budget_cut(result: dict[str, Any]) -> bool:
+    return str(result.get("cut_reason", "")).startswith("trial budget")
+
+
+def eval_plan_from_dict(d: dict[str, Any] | None) -> EvalPlan | None:
+    return None if d is None else EvalPlan(**d)
+
+
+def eval_plan_to_dict(plan: EvalPlan | None) -> dict[str, Any] | None:
+    return None if plan is None else asdict(plan)

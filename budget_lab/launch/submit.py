@@ -1,0 +1,263 @@
+"""Submit a run to a cluster through submitit, and write down where it went (launch.json).
+
+    record = launch_run(cfg, load_cluster("slurm-local"), Workspace.from_args(None), "nano-1")
+
+Every launch gets a fresh submitit folder under `workspace/jobs/<launch-id>/`: job ids restart at
+1 on a fresh cluster, and a folder keyed only on the job id would hand back an old job's result.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from budget_lab.errors import ConfigError, UserError
+from budget_lab.io import atomic_write_json
+
+__all__ = [
+    "LaunchRecord",
+    "Placement",
+    "launch_run",
+    "launch_runs",
+    "make_executor",
+    "read_launch",
+    "new_launch_id",
+]
+
+LAUNCH_FILE = "launch.json"
+
+
+@dataclass
+class Placement:
+    """Where and how wide a run goes: nodes × GPUs per node (0 GPUs: a CPU-only machine)."""
+
+    nodes: int = 1
+    gpus_per_node: int | None = None  # None: all of a node's GPUs
+
+    def resolve(self, cluster) -> tuple[int, int]:
+        gpus = cluster.gpus_per_node if self.gpus_per_node is None else self.gpus_per_node
+        cluster.check_request(self.nodes, gpus)
+        return self.nodes, gpus
+
+
+@dataclass
+class LaunchRecord:
+    """What `launch.json` in the run folder says about where the run went."""
+
+    run: str
+    run_dir: str
+    cluster: str
+    executor: str
+    launch_id: str
+    submitit_folder: str
+    job_ids: list[str]
+    nodes: int
+    gpus_per_node: int
+    tasks_per_node: int
+    sweep: str | None = None
+    trial: int | None = None
+    created_at: float = field(default_factory=time.time)
+    cluster_file: str | None = None  # the cluster YAML it was launched with (a path or a name)
+
+
+def new_launch_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def read_launch(run_dir: str | os.PathLike[str]) -> LaunchRecord | None:
+    import json
+
+    path = Path(run_dir) / LAUNCH_FILE
+    if not path.is_file():
+        return None
+    return LaunchRecord(**json.loads(path.read_text()))
+
+
+def make_executor(cluster, folder: Path, nodes: int, gpus_per_node: int, name: str):
+    """A submitit executor for `cluster`, with one task per GPU (one per node without GPUs)."""
+    import submitit
+
+    tasks = max(gpus_per_node, 1)
+    if cluster.executor == "local":
+        executor = submitit.LocalExecutor(folder=folder)
+        executor.update_parameters(
+            timeout_min=cluster.time_limit_min,
+            tasks_per_node=tasks,
+            gpus_per_node=gpus_per_node,
+            signal_delay_s=cluster.signal_delay_s,
+        )
+        return executor
+    if cluster.executor != "slurm":
+        raise ConfigError(
+            f"cluster {cluster.name!r} has executor={cluster.executor!r}; valid: local, slurm"
+        )
+    slurm = cluster.slurm
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    params: dict[str, Any] = {
+        "timeout_min": cluster.time_limit_min,
+        "nodes": nodes,
+        "tasks_per_node": tasks,
+        "name": name,
+        "slurm_partition": slurm.partition,
+        "slurm_signal_delay_s": cluster.signal_delay_s,
+    }
+    if gpus_per_node:
+        params["slurm_gpus_per_node"] = gpus_per_node
+    if slurm.cpus_per_task:
+        params["cpus_per_task"] = slurm.cpus_per_task
+    if slurm.mem_gb:
+        params["mem_gb"] = slurm.mem_gb
+    for key, value in (
+        ("slurm_account", slurm.account),
+        ("slurm_qos", slurm.qos),
+        ("slurm_constraint", slurm.constraint),
+    ):
+        if value:
+            params[key] = value
+    if slurm.additional:
+        params["slurm_additional_parameters"] = dict(slurm.additional)
+    if slurm.setup:
+        params["slurm_setup"] = list(slurm.setup)
+    executor.update_parameters(**params)
+    return executor
+
+
+def _job_for(cfg_dict, run_dir, cluster, nodes, gpus, eval_plan):
+    from budget_lab.launch.job import TrainJob
+
+    devices = nodes * max(gpus, 1)
+    return TrainJob(
+        str(run_dir),
+        cfg_dict,
+        usd_per_device_hour=cluster.price.usd_per_gpu_hour,
+        devices=devices,
+        eval_plan=eval_plan,
+        max_requeues=cluster.max_requeues,
+    )
+
+
+def _prepare_run_folder(cfg, run_dir: Path) -> dict[str, Any]:
+    """Write config.yaml (or check it matches) before the job starts: a queued run is visible."""
+    import yaml
+
+    from budget_lab.config import run_config_to_dict
+
+    resolved = run_config_to_dict(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    if path.is_file():
+        saved = yaml.safe_load(path.read_text())
+        if saved != resolved:
+            raise ConfigError(
+                f"{run_dir} already holds a run with a different configuration; launch it under a "
+                "new --name, or with the same recipe and overrides to resume it"
+            )
+    else:
+        from budget_lab.io import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(resolved, sort_keys=False))
+    return resolved
+
+
+def launch_runs(
+    runs: list[tuple[str, Any]],
+    cluster,
+    workspace,
+    placement: Placement | None = None,
+    *,
+    sweep: str | None = None,
+    trials: list[int | None] | None = None,
+    eval_plans: list[Any] | None = None,
+) -> list[LaunchRecord]:
+    """Submit several runs `[(name, RunConfig), ...]` as one submitit job array (one launch)."""
+    placement = placement or Placement()
+    nodes, gpus = placement.resolve(cluster)
+    launch_id = new_launch_id()
+    folder = Path(workspace.jobs_dir) / launch_id
+    folder.mkdir(parents=True, exist_ok=False)
+    trials = trials or [None] * len(runs)
+    eval_plans = eval_plans or [None] * len(runs)
+    jobs_in, run_dirs = [], []
+    for (name, cfg), plan in zip(runs, eval_plans):
+        run_dir = Path(workspace.runs_dir) / name
+        if (run_dir / LAUNCH_FILE).is_file():
+            old = read_launch(run_dir)
+            state = _quick_state(run_dir)
+            if state in ("running", "queued"):
+                raise UserError(
+                    f"run {name!r} is already {state} (launch {old.launch_id if old else '?'}, "
+                    f"job {', '.join(old.job_ids) if old else '?'}); see `budget-lab status {name}`"
+                    ", cancel it first, or pick another --name"
+                )
+        cfg_dict = _prepare_run_folder(cfg, run_dir)
+        jobs_in.append(_job_for(cfg_dict, run_dir, cluster, nodes, gpus, plan))
+        run_dirs.append(run_dir)
+
+    executor = make_executor(
+        cluster, folder, nodes, gpus, name=runs[0][0] if len(runs) == 1 else f"array-{launch_id}"
+    )
+    import submitit
+
+    try:
+        if len(jobs_in) == 1:
+            jobs = [executor.submit(jobs_in[0])]
+        else:
+            jobs = executor.submit_array(jobs_in)
+    except (submitit.core.utils.FailedJobError, OSError) as err:
+        raise UserError(
+            f"could not submit to cluster {cluster.name!r}: {err}. Check the cluster file "
+            f"(`budget-lab clusters show {cluster.name}`) and that the scheduler is reachable"
+        ) from err
+    records = []
+    for (name, _), run_dir, job, trial in zip(runs, run_dirs, jobs, trials):
+        record = LaunchRecord(
+            run=name,
+            run_dir=str(run_dir.resolve()),
+            cluster=cluster.name,
+            executor=cluster.executor,
+            launch_id=launch_id,
+            submitit_folder=str(folder.resolve()),
+            job_ids=[str(job.job_id)],
+            nodes=nodes,
+            gpus_per_node=gpus,
+            tasks_per_node=max(gpus, 1),
+            sweep=sweep,
+            trial=trial,
+            cluster_file=getattr(cluster, "source", None) or cluster.name,
+        )
+        atomic_write_json(run_dir / LAUNCH_FILE, asdict(record))
+        records.append(record)
+    return records
+
+
+def launch_run(
+    cfg,
+    cluster,
+    workspace,
+    name: str,
+    placement: Placement | None = None,
+    *,
+    sweep: str | None = None,
+    trial: int | None = None,
+    eval_plan: Any = None,
+) -> LaunchRecord:
+    """Submit one run; returns its launch record (also in `<run_dir>/launch.json`)."""
+    return launch_runs(
+        [(name, cfg)],
+        cluster,
+        workspace,
+        placement,
+        sweep=sweep,
+        trials=[trial],
+        eval_plans=[eval_plan],
+    )[0]
+
+
+def _quick_state(run_dir: Path) -> str:
+    from budget_lab.launch.status import run_status
+
+    return run_status(run_dir).state

@@ -1,0 +1,392 @@
+"""Calibration: measured training throughput (images/s per device) per preset, resolution, mask
+ratio and device type, kept in the workspace's `calibration.json`. Estimates are built on it.
+
+Three sources, the most recent measurement winning over the paper:
+
+- `paper`: built in. MicroDiT-XL/2 on H100, derived from the paper's 504 H100-hours for its
+  four-phase recipe (see `PAPER`): the 504 hours are split over the phases in proportion to their
+  training FLOPs (images x FLOPs per image), i.e. the same utilization in every phase.
+- `benchmark`: `calibrate_benchmark` times a few real training steps on this machine's device.
+- `run:<name>`: `calibrate_from_run` reads a finished run's metrics.jsonl images_per_s.
+
+    cal = Calibration.load(workspace)
+    cal.lookup("MicroDiT-XL/2", resolution=256, mask_ratio=0.75, device="H100").images_per_s
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from budget_lab.errors import ConfigError, DataError
+from budget_lab.io import atomic_write_json
+
+__all__ = [
+    "PAPER",
+    "CalibrationEntry",
+    "Calibration",
+    "native_resolution",
+    "device_of",
+    "paper_entries",
+    "calibrate_benchmark",
+    "calibrate_from_run",
+    "time_training_step",
+]
+
+
+@dataclass(frozen=True)
+class _PaperFacts:
+    preset: str
+    device: str
+    gpu_hours: float  # the whole recipe
+    usd: float
+    usd_per_gpu_hour: float
+    # (resolution px, mask ratio, steps, global batch) of each phase of the recipe
+    phases: tuple[tuple[int, float, int, int], ...]
+    # MicroDiT-XL/2 training FLOPs per image (caption width 1024) at (resolution, mask ratio),
+    # counted by model.summary.count_flops (torch's flop counter on the meta device)
+    flops_per_image: dict[tuple[int, float], int]
+
+
+#: The paper's recipe and cost (Sehwag et al. 2024: 2.6 days on 8xH100 at $3.75/H100-hour).
+PAPER = _PaperFacts(
+    preset="MicroDiT-XL/2",
+    device="H100",
+    gpu_hours=504.0,
+    usd=1890.0,
+    usd_per_gpu_hour=3.75,
+    phases=(
+        (256, 0.75, 250_000, 2048),
+        (256, 0.0, 30_000, 2048),
+        (512, 0.75, 50_000, 2048),
+        (512, 0.0, 5_000, 2048),
+    ),
+    flops_per_image={
+        (256, 0.75): 282_301_280_256,
+        (256, 0.0): 714_411_061_248,
+        (512, 0.75): 1_069_357_707_264,
+        (512, 0.0): 3_002_772_467_712,
+    },
+)
+
+
+@dataclass(frozen=True)
+class CalibrationEntry:
+    """One measured (or derived) training throughput."""
+
+    preset: str  # model preset name (overrides are not told apart)
+    resolution: int  # image side in pixels
+    mask_ratio: float  # fraction of tokens dropped
+    device: str  # GPU type as in clusters/*.yaml (e.g. "H100"), or "cpu"
+    images_per_s: float  # training images per second on ONE device
+    source: str  # "paper", "benchmark", "run:<name>", or "scaled from ..." (lookups only)
+    measured_at: float | None = None  # epoch seconds; None for the paper
+    batch_size: int | None = None  # per-device batch the measurement used, if known
+    note: str = ""
+
+    def matches(self, preset: str, resolution: int, mask_ratio: float, device: str) -> bool:
+        return (
+            self.preset == preset
+            and self.resolution == resolution
+            and abs(self.mask_ratio - mask_ratio) < 1e-6
+            and _norm_device(self.device) == _norm_device(device)
+        )
+
+
+def _norm_device(device: str) -> str:
+    return device.strip().lower()
+
+
+def paper_entries() -> list[CalibrationEntry]:
+    """The built-in MicroDiT-XL/2 on H100 throughputs that reproduce the paper's 504 H100-hours."""
+    flops = PAPER.flops_per_image
+    total_flops = sum(steps * batch * flops[(res, r)] for res, r, steps, batch in PAPER.phases)
+    per_device_flops_per_s = total_flops / (PAPER.gpu_hours * 3600)  # about 18% of H100 bf16 peak
+    return [
+        CalibrationEntry(
+            preset=PAPER.preset,
+            resolution=res,
+            mask_ratio=r,
+            device=PAPER.device,
+            images_per_s=per_device_flops_per_s / flops[(res, r)],
+            source="paper",
+            note=f"504 H100-hours for the recipe, split by training FLOPs "
+            f"({per_device_flops_per_s / 1e12:.0f} TFLOP/s per GPU)",
+        )
+        for res, r, _, _ in PAPER.phases
+    ]
+
+
+@cache
+def native_resolution(preset: str) -> int:
+    """The image side (pixels) a preset is configured for: latent grid x 8 (VAE) or x 1 (pixels)."""
+    from model.config import get_preset
+
+    cfg = get_preset(preset)
+    return cfg.input_size * (1 if cfg.in_channels == 3 else 8)
+
+
+@cache
+def _training_flops(preset: str, resolution: int, mask_ratio: float) -> int:
+    from model.config import get_preset
+    from model.summary import count_flops
+
+    cfg = get_preset(preset)
+    factor = 1 if cfg.in_channels == 3 else 8
+    return count_flops(cfg, resolution // factor, mask_ratio).training
+
+
+def device_of(cluster: Any) -> str:
+    """The calibration device type of a cluster: its gpu_type, or "cpu" for a machine without."""
+    gpu = getattr(cluster, "gpu_type", None)
+    if not gpu or str(gpu).lower() in ("cpu", "none") or not getattr(cluster, "gpus_per_node", 1):
+        return "cpu"
+    return str(gpu)
+
+
+@dataclass
+class Calibration:
+    """The calibration entries of a workspace (plus the built-in paper ones)."""
+
+    path: Path | None = None
+    entries: list[CalibrationEntry] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, workspace_or_path: Any) -> Calibration:
+        path = Path(getattr(workspace_or_path, "calibration_path", workspace_or_path))
+        entries = []
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+                entries = [CalibrationEntry(**e) for e in data.get("entries", [])]
+            except (ValueError, TypeError) as err:
+                raise DataError(
+                    f"{path} is not a valid calibration file ({err}); fix or delete it (it is "
+                    "rebuilt by `budget-lab cost calibrate`)"
+                ) from None
+        return cls(path=path, entries=entries)
+
+    def all_entries(self) -> list[CalibrationEntry]:
+        return [*paper_entries(), *self.entries]
+
+    def record(self, entry: CalibrationEntry) -> None:
+        """Add a measurement (replacing one from the same source for the same key) and save."""
+        self.entries = [
+            e
+            for e in self.entries
+            if not (
+                e.source == entry.source
+                and e.matches(entry.preset, entry.resolution, entry.mask_ratio, entry.device)
+            )
+        ]
+        self.entries.append(entry)
+        self.save()
+
+    def save(self) -> None:
+        if self.path is not None:
+            atomic_write_json(
+                self.path, {"version": 1, "entries": [asdict(e) for e in self.entries]}
+            )
+
+    def lookup(
+        self, preset: str, *, resolution: int | None, mask_ratio: float, device: str
+    ) -> CalibrationEntry:
+        """The throughput for this key: the newest measurement, else the paper's, else one of the
+        same preset and device scaled by training FLOPs. Raises ConfigError when there is none."""
+        resolution = resolution or native_resolution(preset)
+        candidates = [
+            e for e in self.all_entries() if e.matches(preset, resolution, mask_ratio, device)
+        ]
+        if candidates:
+            return max(candidates, key=lambda e: (e.source != "paper", e.measured_at or 0.0))
+        same = [
+            e
+            for e in self.all_entries()
+            if e.preset == preset and _norm_device(e.device) == _norm_device(device)
+        ]
+        if same:
+            # Prefer a measurement at the same resolution, then the same mask ratio, then newest.
+            base = max(
+                same,
+                key=lambda e: (
+                    e.resolution == resolution,
+                    abs(e.mask_ratio - mask_ratio) < 1e-6,
+                    e.source != "paper",
+                    e.measured_at or 0.0,
+                ),
+            )
+            ratio = _training_flops(preset, base.resolution, base.mask_ratio) / _training_flops(
+                preset, resolution, mask_ratio
+            )
+            return CalibrationEntry(
+                preset=preset,
+                resolution=resolution,
+                mask_ratio=mask_ratio,
+                device=device,
+                images_per_s=base.images_per_s * ratio,
+                source=f"scaled from {base.source} ({base.resolution}px r={base.mask_ratio:g}) by FLOPs",
+                measured_at=base.measured_at,
+            )
+        known = sorted({f"{e.preset} on {e.device}" for e in self.all_entries()})
+        raise ConfigError(
+            f"no throughput calibration for {preset} on {device!r} (known: {', '.join(known)}). "
+            f"Measure it on that device with `budget-lab cost calibrate --preset {preset} "
+            f"--mask-ratio {mask_ratio:g}`, or from a finished run there with `budget-lab cost "
+            "calibrate --from-run RUN`"
+        )
+
+
+# -- measuring ------------------------------------------------------------------------------------
+
+
+def time_training_step(
+    preset: str,
+    *,
+    resolution: int | None = None,
+    mask_ratio: float = 0.0,
+    batch: int = 8,
+    steps: int = 5,
+    warmup: int = 2,
+    device: str | None = None,
+    seed: int = 0,
+) -> float:
+    """Median seconds of one full training step (EDM loss, backward, AdamW) of a preset on one
+    device: fp32 on CPU, bf16 autocast on a GPU. Random inputs: only the speed is measured."""
+    import torch
+
+    from model.config import get_preset
+    from model.edm import EDMPrecond, edm_loss
+    from model.microdit import MicroDiT
+
+    cfg = get_preset(preset)
+    factor = 1 if cfg.in_channels == 3 else 8
+    size = (resolution or native_resolution(preset)) // factor
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    torch.manual_seed(seed)
+    net = MicroDiT(cfg).to(dev)
+    precond = EDMPrecond(net, sigma_data=0.5)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    y = torch.randn(batch, cfg.in_channels, size, size, device=dev)
+    captions = torch.randn(batch, cfg.caption_len, cfg.caption_dim, device=dev)
+    times = []
+    for i in range(warmup + steps):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = edm_loss(precond, y, captions, mask_ratio=mask_ratio)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def calibrate_benchmark(
+    workspace: Any,
+    preset: str,
+    *,
+    mask_ratio: float,
+    resolution: int | None = None,
+    device_type: str | None = None,
+    batch: int = 8,
+    steps: int = 5,
+    warmup: int = 2,
+) -> CalibrationEntry:
+    """Time a short benchmark of `preset` on this machine's device and record it in the
+    workspace's calibration.json. `device_type` names the device as clusters/*.yaml do (default:
+    "cpu", or the GPU's name with "NVIDIA " dropped)."""
+    import torch
+
+    if device_type is None:
+        if torch.cuda.is_available():
+            device_type = torch.cuda.get_device_name(0).removeprefix("NVIDIA ").split()[0]
+        else:
+            device_type = "cpu"
+    seconds = time_training_step(
+        preset,
+        resolution=resolution,
+        mask_ratio=mask_ratio,
+        batch=batch,
+        steps=steps,
+        warmup=warmup,
+    )
+    entry = CalibrationEntry(
+        preset=preset,
+        resolution=resolution or native_resolution(preset),
+        mask_ratio=mask_ratio,
+        device=device_type,
+        images_per_s=batch / seconds,
+        source="benchmark",
+        measured_at=time.time(),
+        batch_size=batch,
+        note=f"median of {steps} steps after {warmup} warm-up, batch {batch}",
+    )
+    Calibration.load(workspace).record(entry)
+    return entry
+
+
+def calibrate_from_run(
+    workspace: Any,
+    run_dir: str | os.PathLike[str],
+    *,
+    device_type: str,
+    devices: int = 1,
+) -> list[CalibrationEntry]:
+    """Record the throughput a finished run measured (metrics.jsonl images_per_s, median per
+    phase, the first row of each segment left out as warm-up), divided by its `devices`."""
+    import yaml
+
+    run = Path(run_dir)
+    config_path = run / "config.yaml"
+    if not config_path.is_file():
+        raise DataError(f"{run} has no config.yaml: pass a run folder (workspace/runs/<run>)")
+    cfg = yaml.safe_load(config_path.read_text())
+    preset = str(cfg["model"]["preset"])
+    phases = {p["name"]: p for p in cfg.get("phases", [])}
+    rows: dict[str, list[float]] = {}
+    first_seen: set[Any] = set()
+    metrics = run / "metrics.jsonl"
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        segment = (row.get("segment"), row.get("phase"))
+        if segment not in first_seen:  # warm-up (compilation, data loader start) in this window
+            first_seen.add(segment)
+            continue
+        if row.get("phase") in phases and row.get("images_per_s"):
+            rows.setdefault(row["phase"], []).append(float(row["images_per_s"]))
+    if not rows:
+        raise DataError(
+            f"{metrics} has no throughput rows past warm-up: let the run log at least two rows "
+            "per phase (log_every) before calibrating from it"
+        )
+    cal = Calibration.load(workspace)
+    out = []
+    for name, values in rows.items():
+        phase = phases[name]
+        entry = CalibrationEntry(
+            preset=preset,
+            resolution=phase.get("resolution") or native_resolution(preset),
+            mask_ratio=float(phase.get("mask_ratio", 0.0)),
+            device=device_type,
+            images_per_s=statistics.median(values) / max(devices, 1),
+            source=f"run:{run.name}",
+            measured_at=time.time(),
+            note=f"median of {len(values)} metrics rows of phase {name} over {devices} device(s)",
+        )
+        cal.record(entry)
+        out.append(entry)
+    return out

@@ -1,0 +1,462 @@
+"""Sync: turn a run folder into priced ledger segments, idempotently.
+
+    segments = sync_run(ledger, "workspace/runs/mask_ratio-007", cluster,
+                        price_cache_dir=workspace.prices_cache_dir)
+    report = sync_workspace(ledger, workspace)     # every run folder with a launch.json
+
+Where the time comes from:
+
+- Slurm (`launch.json` executor "slurm"): `sacct -X -D` lists every run of each job id (those of
+  launch.json and of segments.jsonl, so earlier launches of the run count too); GPU-seconds =
+  ElapsedRaw x gres/gpu (a CPU-only job counts one device per node). Right after a run ends its
+  last row may still be missing or RUNNING: sync polls sacct for up to `sacct_wait_s`.
+- local: the job wrapper's `segments.jsonl`, wall clock x devices (a CPU-only machine is 1). A
+  segment without an end row was killed hard; it ends at its last sign of life (a metrics or
+  checkpoint row), or is still running if its process is alive on this host.
+
+Wasted dollars (part of the cost, reported apart from useful spend):
+- a segment that ended without finishing (preempted, requeued, timed out, killed, failed) wastes
+  the time since its last checkpoint (checkpoints.jsonl) - that work is redone;
+- every segment of a run whose result.json says "failed" is wasted;
+- every segment of a run "cut" by a cap is wasted (a sweep trial stopped at its own planned trial
+  budget is not: that stop is the trial's result).
+
+Every segment is keyed, so syncing again updates rows (a running segment grows, a fallback price
+is replaced by the real one) and never duplicates them; a controller that crashes just syncs
+again. A real price already in the ledger is never replaced by a catalog estimate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from budget_lab.errors import ConfigError, UserError
+from budget_lab.ledger.prices import ClusterLike, PriceBook, Priced, PricePiece
+from budget_lab.ledger.sacct import SacctRecord, poll_sacct, sacct_records
+from budget_lab.ledger.store import Ledger, Segment
+
+__all__ = ["sync_run", "sync_workspace", "SyncReport", "read_launch", "TERMINAL_RUN_STATUSES"]
+
+#: result.json statuses after which nothing of the run runs any more.
+TERMINAL_RUN_STATUSES = frozenset({"completed", "failed", "cut"})
+# Segment states that end without the work since the last checkpoint being kept.
+_LOSSY_STATES = frozenset(
+    {
+        "PREEMPTED",
+        "REQUEUED",
+        "TIMEOUT",
+        "FAILED",
+        "NODE_FAIL",
+        "CANCELLED",
+        "OUT_OF_MEMORY",
+        "BOOT_FAIL",
+        "DEADLINE",
+        "KILLED",
+        "INTERRUPTED",
+    }
+)
+# A cut that is a sweep trial's planned stop at its own budget (see budget_lab.launch.job).
+_PLANNED_CUT_PREFIX = "trial budget"
+
+
+@dataclass
+class _Span:
+    """One time the job ran, before pricing."""
+
+    job_id: str
+    key: str
+    start: float
+    seconds: float  # time held (Slurm: ElapsedRaw)
+    gpus: int  # devices held over all nodes
+    nodes: int
+    state: str
+    partition: str | None = None
+
+    @property
+    def end(self) -> float:
+        return self.start + self.seconds
+
+
+@dataclass
+class SyncReport:
+    """What `sync_workspace` did."""
+
+    runs: int = 0  # run folders synced
+    skipped: list[str] = field(default_factory=list)  # run folders without launch.json
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    errors: dict[str, str] = field(default_factory=dict)  # run -> error message
+    warnings: list[str] = field(default_factory=list)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines file; a torn last line (a crash mid-write) is skipped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def read_launch(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The run folder's launch.json, or None when the run was not launched by `budget-lab launch`."""
+    return _read_json(Path(run_dir) / "launch.json")
+
+
+# -- where the time comes from -------------------------------------------------------------------
+
+
+def _local_segments(run_dir: Path) -> list[dict[str, Any]]:
+    """segments.jsonl as one dict per attempt: start row fields + "end", "status"."""
+    by_attempt: dict[int, dict[str, Any]] = {}
+    for row in _read_jsonl(run_dir / "segments.jsonl"):
+        attempt = row.get("attempt", row.get("segment"))
+        if attempt is None:
+            continue
+        seg = by_attempt.setdefault(int(attempt), {"attempt": int(attempt), "end": None})
+        if row.get("event") == "start":
+            seg.update(
+                job_id=str(row.get("job_id", "")),
+                start=float(row["time"]),
+                host=row.get("host"),
+                pid=row.get("pid"),
+                gpus=int(row.get("gpus", row.get("devices", 1)) or 1),
+                status="running",
+            )
+        elif row.get("event") == "end":
+            seg.update(end=float(row["time"]), status=str(row.get("status", "completed")))
+    return [by_attempt[k] for k in sorted(by_attempt) if "start" in by_attempt[k]]
+
+
+def _alive(host: Any, pid: Any) -> bool:
+    if host != socket.gethostname() or not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _local_spans(
+    run_dir: Path, cluster: ClusterLike, run: str, signs_of_life: list[float], now: float
+) -> list[_Span]:
+    segments = _local_segments(run_dir)
+    spans = []
+    for i, seg in enumerate(segments):
+        start = seg["start"]
+        end, state = seg["end"], str(seg["status"]).upper()
+        if end is None:
+            if _alive(seg.get("host"), seg.get("pid")):
+                end, state = now, "RUNNING"
+            else:  # killed hard: it ran until its last sign of life
+                until = segments[i + 1]["start"] if i + 1 < len(segments) else float("inf")
+                seen = [t for t in signs_of_life if start <= t < until]
+                end, state = max(seen, default=start), "KILLED"
+        spans.append(
+            _Span(
+                job_id=seg.get("job_id", ""),
+                key=f"{cluster.name}/{run}/{seg.get('job_id', '')}/{seg['attempt']}",
+                start=start,
+                seconds=max(end - start, 0.0),
+                gpus=max(int(seg["gpus"]), 1),
+                nodes=1,
+                state=state,
+            )
+        )
+    return spans
+
+
+def _slurm_spans(
+    job_ids: Sequence[str],
+    cluster: ClusterLike,
+    run_finished: bool,
+    now: float,
+    sacct_wait_s: float,
+    query: Callable[[Sequence[str]], list[SacctRecord]],
+) -> list[_Span]:
+    def complete(records: list[SacctRecord]) -> bool:
+        """Whether each job's last record is a final one (a run that is over never ends on a
+        requeue: its next run's record is still to come)."""
+        if not run_finished:  # a live run: what sacct says now is what there is
+            return True
+        for job in job_ids:
+            mine = [r for r in records if r.job_id == job]
+            if not mine or any(r.start is None for r in mine):
+                return False
+            last = max(mine, key=lambda r: r.start or 0.0)
+            if not last.finished or last.state in ("REQUEUED", "PREEMPTED"):
+                return False
+        return True
+
+    records = poll_sacct(job_ids, complete, timeout_s=sacct_wait_s, query=query)
+    spans = []
+    for r in records:
+        if r.start is None:  # pending: nothing ran, nothing to pay
+            continue
+        devices = r.gpus if r.gpus > 0 else max(r.nodes, 1)
+        seconds = float(r.elapsed_s)
+        state = r.state
+        if r.end is None:
+            state = "RUNNING"
+            seconds = max(seconds, now - r.start)
+        spans.append(
+            _Span(
+                job_id=r.job_id,
+                key=f"{cluster.name}/{r.job_id}/{int(r.start)}",
+                start=r.start,
+                seconds=seconds,
+                gpus=devices,
+                nodes=r.nodes,
+                state=state,
+                partition=r.partition,
+            )
+        )
+    return spans
+
+
+# -- what it was for, and what was lost ----------------------------------------------------------
+
+
+def _phase(
+    span: _Span, metrics: list[dict[str, Any]], checkpoints: list[dict[str, Any]]
+) -> str | None:
+    """The phase the span trained most (by metrics rows), else the one it resumed into."""
+    inside = Counter(
+        str(r["phase"])
+        for r in [*metrics, *checkpoints]
+        if "phase" in r and span.start <= float(r.get("time", -1)) <= span.end
+    )
+    if inside:
+        return inside.most_common(1)[0][0]
+    before = [
+        r for r in [*metrics, *checkpoints] if "phase" in r and float(r.get("time", 0)) < span.start
+    ]
+    if before:
+        return str(max(before, key=lambda r: float(r["time"]))["phase"])
+    return None
+
+
+def _waste(
+    span: _Span,
+    priced: Priced,
+    run_status: str | None,
+    cut_reason: str | None,
+    checkpoint_times: list[float],
+) -> tuple[float, str | None]:
+    if run_status == "failed":
+        return priced.cost_usd, "run failed"
+    if run_status == "cut" and not str(cut_reason or "").startswith(_PLANNED_CUT_PREFIX):
+        return priced.cost_usd, f"run cut ({cut_reason or 'budget cap'})"
+    if span.state not in _LOSSY_STATES:
+        return 0.0, None
+    saved = [t for t in checkpoint_times if span.start <= t <= span.end]
+    since = max(saved, default=span.start)
+    lost = priced.cost_between(since, span.end)
+    what = "last checkpoint" if saved else "segment start (no checkpoint in it)"
+    return lost, f"{span.state.lower()}: {(span.end - since) / 60:.1f} min since {what}"
+
+
+def _reuse_price(priced: Priced, old: Segment | None, span: _Span) -> Priced:
+    """Keep a real price already in the ledger rather than replace it by a catalog estimate."""
+    if not priced.estimate or old is None or old.price_estimate:
+        return priced
+    if abs(old.start - span.start) > 1 or old.gpus != span.gpus:
+        return priced
+    rate = old.usd_per_gpu_hour
+    return Priced(
+        cost_usd=span.gpus * span.seconds / 3600 * rate,
+        usd_per_gpu_hour=rate,
+        source=old.price_source,
+        price_time=old.price_time,
+        estimate=False,
+        pieces=(PricePiece(span.start, span.end, rate),),
+        gpus=span.gpus,
+    )
+
+
+# -- sync ----------------------------------------------------------------------------------------
+
+
+def sync_run(
+    ledger: Ledger,
+    run_dir: str | os.PathLike[str],
+    cluster: ClusterLike,
+    *,
+    price_cache_dir: str | os.PathLike[str] | None = None,
+    prices: PriceBook | None = None,
+    sacct_wait_s: float = 30.0,
+    now: float | None = None,
+    sacct_query: Callable[[Sequence[str]], list[SacctRecord]] = sacct_records,
+) -> list[Segment]:
+    """Price every segment of one launched run folder and upsert it. Returns the segments.
+
+    `prices` (a shared `PriceBook`) wins over `price_cache_dir`, which defaults to the
+    workspace's cache/prices when the run folder is workspace/runs/<run>. `sacct_wait_s`: how long
+    to poll sacct when the run is over but its last rows are not in yet (a controller polling on
+    its own may pass 0). `sacct_query` is where Slurm records come from (tests and sites with a
+    wrapper can replace it).
+    """
+    run_path = Path(run_dir)
+    launch = read_launch(run_path)
+    if launch is None:
+        raise ConfigError(
+            f"{run_path} has no launch.json: only runs started with `budget-lab launch` (or a "
+            "sweep) are in the ledger; launch it that way, or pass the right run folder"
+        )
+    now = time.time() if now is None else now
+    if price_cache_dir is None and run_path.parent.name == "runs":  # workspace/runs/<run>
+        price_cache_dir = run_path.parent.parent / "cache" / "prices"
+    prices = prices or PriceBook(cache_dir=price_cache_dir)
+    run = str(launch.get("run") or run_path.name)
+    executor = str(launch.get("executor") or getattr(cluster, "executor", "local"))
+    result = _read_json(run_path / "result.json") or {}
+    status = result.get("status")
+    metrics = _read_jsonl(run_path / "metrics.jsonl")
+    checkpoints = _read_jsonl(run_path / "checkpoints.jsonl")
+    checkpoint_times = sorted(float(c["time"]) for c in checkpoints if "time" in c)
+
+    if executor == "slurm":
+        job_ids = [str(j) for j in launch.get("job_ids") or []]
+        for seg in _local_segments(run_path):  # earlier launches of the same run
+            jid = str(seg.get("job_id") or "")
+            if jid and jid not in job_ids:
+                job_ids.append(jid)
+        spans = _slurm_spans(
+            job_ids, cluster, status in TERMINAL_RUN_STATUSES, now, sacct_wait_s, sacct_query
+        )
+    elif executor == "local":
+        life = [float(r["time"]) for r in [*metrics, *checkpoints] if "time" in r]
+        if "updated_at" in result:
+            life.append(float(result["updated_at"]))
+        spans = _local_spans(run_path, cluster, run, life, now)
+    else:
+        raise ConfigError(
+            f"{run_path / 'launch.json'}: executor={executor!r} is unknown; expected slurm or local"
+        )
+
+    existing = {s.key: s for s in ledger.segments(run=run)}
+    trial = launch.get("trial")
+    segments = []
+    for span in spans:
+        live = span.state == "RUNNING"
+        priced = prices.price(cluster, span.start, span.seconds, span.gpus, live=live)
+        priced = _reuse_price(priced, existing.get(span.key), span)
+        wasted, reason = _waste(span, priced, status, result.get("cut_reason"), checkpoint_times)
+        if span.state == "RUNNING" and status not in ("failed", "cut"):
+            wasted, reason = 0.0, None
+        segments.append(
+            Segment(
+                key=span.key,
+                job_id=span.job_id,
+                cluster=cluster.name,
+                start=span.start,
+                end=span.end,
+                gpus=span.gpus,
+                gpu_seconds=span.seconds * span.gpus,
+                cost_usd=priced.cost_usd,
+                usd_per_gpu_hour=priced.usd_per_gpu_hour,
+                price_source=priced.source,
+                price_time=priced.price_time,
+                price_estimate=priced.estimate,
+                wasted_usd=min(wasted, priced.cost_usd),
+                waste_reason=reason,
+                state=span.state,
+                partition=span.partition
+                or getattr(getattr(cluster, "slurm", None), "partition", None),
+                capacity=getattr(cluster, "capacity", None) or getattr(cluster.price, "kind", None),
+                gpu_type=getattr(cluster, "gpu_type", None),
+                nodes=span.nodes,
+                run=run,
+                phase=_phase(span, metrics, checkpoints),
+                sweep=launch.get("sweep"),
+                trial=int(trial) if trial is not None else None,
+                launch_id=launch.get("launch_id"),
+            )
+        )
+    ledger.upsert_segments(segments)
+    return segments
+
+
+def _load_cluster(name: str) -> ClusterLike:
+    from budget_lab.launch.cluster import load_cluster
+
+    return load_cluster(name)
+
+
+def sync_workspace(
+    ledger: Ledger,
+    workspace: Any,
+    *,
+    runs: Sequence[str] | None = None,
+    clusters: Callable[[str], ClusterLike] | None = None,
+    prices: PriceBook | None = None,
+    sacct_wait_s: float = 30.0,
+    sacct_query: Callable[[Sequence[str]], list[SacctRecord]] = sacct_records,
+) -> SyncReport:
+    """Sync every launched run folder of a workspace (or only `runs`). One run's error (printed
+    in the report) does not stop the others."""
+    clusters = clusters or _load_cluster
+    prices = prices or PriceBook(cache_dir=workspace.prices_cache_dir)
+    report = SyncReport()
+    known: dict[str, ClusterLike] = {}
+    folders = workspace.run_dirs() if runs is None else [workspace.run_dir(r) for r in runs]
+    for folder in folders:
+        launch = read_launch(folder)
+        if launch is None:
+            report.skipped.append(folder.name)
+            continue
+        name = str(launch.get("cluster") or "")
+        before = {s.key: s for s in ledger.segments(run=str(launch.get("run") or folder.name))}
+        try:
+            if name not in known:
+                known[name] = clusters(name)
+            segments = sync_run(
+                ledger,
+                folder,
+                known[name],
+                prices=prices,
+                sacct_wait_s=sacct_wait_s,
+                sacct_query=sacct_query,
+            )
+        except UserError as err:
+            report.errors[folder.name] = str(err)
+            continue
+        report.runs += 1
+        for seg in segments:
+            old = before.get(seg.key)
+            if old is None:
+                report.inserted += 1
+            elif old == seg:
+                report.unchanged += 1
+            else:
+                report.updated += 1
+    report.warnings = list(prices.warnings)
+    return report

@@ -1,0 +1,288 @@
+"""What a report shows, as plain data: trials of a sweep and priced spend rows from the ledger.
+
+`ReportData` is the contract between the loader (which reads the Optuna study and the ledger) and
+the renderers (figures, HTML page, terminal tables, W&B report). A sweep also writes it as
+``sweeps/<sweep>/summary.json`` (`report_data_to_json`, read back with `report_data_from_json`).
+
+Money comes in two kinds: *useful* spend produced work that was kept (a checkpoint, a finished
+run) and *wasted* spend did not (GPU time after the last checkpoint of a preempted segment, a
+failed run). ``cost_usd`` always includes ``wasted_usd``: useful = cost - wasted.
+
+The helpers below aggregate spend (by phase, cluster, trial, over time) and find the Pareto
+front of FID vs $; every renderer uses them, so the page, the terminal and W&B agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from budget_lab.errors import DataError
+
+__all__ = [
+    "TRIAL_STATES",
+    "SUMMARY_FORMAT",
+    "TrialRow",
+    "SpendRow",
+    "ReportData",
+    "report_data_to_dict",
+    "report_data_from_dict",
+    "report_data_to_json",
+    "report_data_from_json",
+    "read_report_data",
+    "pareto_numbers",
+    "mark_pareto",
+    "best_trials",
+    "spend_by",
+    "cumulative_spend",
+]
+
+TRIAL_STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")  # Optuna's names for a trial's state
+SUMMARY_FORMAT = "budget-lab-report/1"  # the "format" key of summary.json; bumped on a change
+
+ParamValue = float | int | str | bool
+
+
+@dataclass
+class TrialRow:
+    """One trial of a sweep (one training run), with what it reached and what it cost."""
+
+    number: int  # Optuna trial number
+    state: str  # COMPLETE, PRUNED (cut by a pruner or the budget), FAIL or RUNNING
+    params: dict[str, ParamValue]  # the sampled hyperparameters
+    fid: float | None  # FID of the final model; None when the run was not evaluated
+    cost_usd: float  # everything the run cost, wasted spend included
+    gpu_hours: float  # GPU-hours billed to the run
+    wasted_usd: float  # the part of cost_usd that produced no kept work
+    run: str | None = None  # run name, `<sweep>-<trial:03d>`
+    run_dir: str | None = None  # absolute run folder
+    grid_path: str | None = None  # PNG sample grid of the run, if any
+    objective_values: list[float] | None = None  # what was told to Optuna (None until told)
+    pareto: bool = False  # on the FID-vs-$ Pareto front of the COMPLETE trials
+
+    def __post_init__(self) -> None:
+        if self.state not in TRIAL_STATES:
+            raise DataError(
+                f"trial {self.number}: unknown state {self.state!r}; "
+                f"expected one of {', '.join(TRIAL_STATES)}"
+            )
+
+    @property
+    def useful_usd(self) -> float:
+        """Spend that produced kept work."""
+        return self.cost_usd - self.wasted_usd
+
+
+@dataclass
+class SpendRow:
+    """One priced ledger segment: a stretch of time a job held GPUs (or a CPU) and what it cost."""
+
+    run: str | None  # run name; None for spend not tied to a run
+    trial: int | None  # trial number when the run belongs to the sweep
+    phase: str | None  # training phase (e.g. "pretrain", "finetune"); None when unknown
+    cluster: str  # cluster name, as in clusters/*.yaml
+    start: float  # epoch seconds
+    end: float  # epoch seconds (>= start)
+    cost_usd: float  # price of the segment, wasted spend included
+    wasted_usd: float  # the part of cost_usd whose work was lost
+    gpu_seconds: float  # GPU-seconds billed (GPUs x wall seconds)
+
+    def __post_init__(self) -> None:
+        if self.end < self.start:
+            raise DataError(
+                f"spend row of run {self.run!r}: end {self.end} is before start {self.start}"
+            )
+
+
+@dataclass
+class ReportData:
+    """Everything one report shows: a sweep (or a whole workspace) and its spend."""
+
+    title: str  # page heading, e.g. "Sweep mask_ratio"
+    sweep: str | None  # sweep name; None for a report over all runs
+    objective: str | None  # what the sweep minimised, e.g. "fid+cost"
+    objective_formula: str | None  # human-readable, e.g. "FID + 2.0 x $"
+    trials: list[TrialRow] = field(default_factory=list)
+    spend: list[SpendRow] = field(default_factory=list)
+    stop_reason: str | None = None  # why the sweep stopped (budget, n_trials, ...); None if running
+    budget_usd: float | None = None  # the sweep's (or month's) cap, when there is one
+    generated_at: float = 0.0  # epoch seconds when the data was read
+
+    @property
+    def total_usd(self) -> float:
+        """Everything spent, from the ledger rows."""
+        return sum(row.cost_usd for row in self.spend)
+
+    @property
+    def wasted_usd(self) -> float:
+        return sum(row.wasted_usd for row in self.spend)
+
+    @property
+    def useful_usd(self) -> float:
+        return self.total_usd - self.wasted_usd
+
+    @property
+    def gpu_hours(self) -> float:
+        return sum(row.gpu_seconds for row in self.spend) / 3600.0
+
+    def count(self, state: str) -> int:
+        """Number of trials in `state` (one of TRIAL_STATES)."""
+        return sum(1 for t in self.trials if t.state == state)
+
+
+# --------------------------------------------------------------------------------------------
+# JSON (summary.json)
+# --------------------------------------------------------------------------------------------
+
+
+def report_data_to_dict(data: ReportData) -> dict[str, Any]:
+    """A JSON-ready dict with a "format" key; `report_data_from_dict` reads it back."""
+    return {"format": SUMMARY_FORMAT, **dataclasses.asdict(data)}
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """`cls(**raw)`, turning a wrong shape or a missing/unknown key into a DataError."""
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: expected an object, got {type(raw).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise DataError(f"{where}: unknown keys {unknown}; expected keys {sorted(names)}")
+    try:
+        return cls(**raw)
+    except TypeError as err:  # a required key is missing
+        raise DataError(f"{where}: {err}") from None
+
+
+def report_data_from_dict(raw: Any) -> ReportData:
+    """Inverse of `report_data_to_dict`; raises DataError on a wrong format or shape."""
+    if not isinstance(raw, dict) or raw.get("format") != SUMMARY_FORMAT:
+        found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+        raise DataError(
+            f"not a budget-lab report summary (format {found!r}, expected {SUMMARY_FORMAT!r}); "
+            "re-create it with `budget-lab report` or the sweep that wrote it"
+        )
+    body = {k: v for k, v in raw.items() if k != "format"}
+    trials = [_build(TrialRow, t, f"trials[{i}]") for i, t in enumerate(body.pop("trials", []))]
+    spend = [_build(SpendRow, s, f"spend[{i}]") for i, s in enumerate(body.pop("spend", []))]
+    return _build(ReportData, {**body, "trials": trials, "spend": spend}, "report summary")
+
+
+def report_data_to_json(data: ReportData) -> str:
+    """The summary.json text (indented, ends with a newline)."""
+    return json.dumps(report_data_to_dict(data), indent=2) + "\n"
+
+
+def report_data_from_json(text: str) -> ReportData:
+    """Parse summary.json text written by `report_data_to_json`."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"report summary is not valid JSON: {err}") from None
+    return report_data_from_dict(raw)
+
+
+def read_report_data(path: str | os.PathLike[str]) -> ReportData:
+    """Read a summary.json file; errors name the path."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise DataError(f"cannot read report summary {path}: {err.strerror}") from None
+    try:
+        return report_data_from_json(text)
+    except DataError as err:
+        raise DataError(f"{path}: {err}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Pareto front and best trials
+# --------------------------------------------------------------------------------------------
+
+
+def _scored(trials: Iterable[TrialRow]) -> list[TrialRow]:
+    """COMPLETE trials with a finite FID: the only ones that can be on the front."""
+    return [
+        t for t in trials if t.state == "COMPLETE" and t.fid is not None and math.isfinite(t.fid)
+    ]
+
+
+def pareto_numbers(trials: Iterable[TrialRow]) -> set[int]:
+    """Numbers of the COMPLETE trials that no other trial beats on both FID and $ (both lower
+    is better; a trial is dominated when another is no worse on both and better on one)."""
+    scored = _scored(trials)
+    front = set()
+    for t in scored:
+        dominated = any(
+            o.cost_usd <= t.cost_usd
+            and o.fid <= t.fid  # type: ignore[operator]
+            and (o.cost_usd < t.cost_usd or o.fid < t.fid)  # type: ignore[operator]
+            for o in scored
+        )
+        if not dominated:
+            front.add(t.number)
+    return front
+
+
+def mark_pareto(trials: Sequence[TrialRow]) -> list[TrialRow]:
+    """Copies of `trials` with `pareto` set from `pareto_numbers` (for loaders)."""
+    front = pareto_numbers(trials)
+    return [dataclasses.replace(t, pareto=t.number in front) for t in trials]
+
+
+def best_trials(trials: Iterable[TrialRow], n: int) -> list[TrialRow]:
+    """The `n` COMPLETE trials with the lowest FID (ties: the cheaper first)."""
+    return sorted(_scored(trials), key=lambda t: (t.fid, t.cost_usd, t.number))[:n]
+
+
+# --------------------------------------------------------------------------------------------
+# Spend aggregates
+# --------------------------------------------------------------------------------------------
+
+_SPEND_KEYS: dict[str, Callable[[SpendRow], str]] = {
+    "phase": lambda r: r.phase or "(no phase)",
+    "cluster": lambda r: r.cluster,
+    "trial": lambda r: f"trial {r.trial}" if r.trial is not None else "(no trial)",
+    "run": lambda r: r.run or "(no run)",
+}
+
+
+def spend_by(spend: Iterable[SpendRow], key: str) -> dict[str, tuple[float, float]]:
+    """``{label: (useful_usd, wasted_usd)}`` grouped by `key` (phase, cluster, trial or run),
+    largest total first."""
+    if key not in _SPEND_KEYS:
+        raise ValueError(f"unknown spend key {key!r}; expected one of {', '.join(_SPEND_KEYS)}")
+    label_of = _SPEND_KEYS[key]
+    totals: dict[str, list[float]] = {}
+    for row in spend:
+        acc = totals.setdefault(label_of(row), [0.0, 0.0])
+        acc[0] += row.cost_usd - row.wasted_usd
+        acc[1] += row.wasted_usd
+    ordered = sorted(totals.items(), key=lambda kv: (-(kv[1][0] + kv[1][1]), kv[0]))
+    return {label: (useful, wasted) for label, (useful, wasted) in ordered}
+
+
+def cumulative_spend(spend: Sequence[SpendRow]) -> tuple[list[float], list[float], list[float]]:
+    """Cumulative (times, total_usd, wasted_usd) at every segment start and end.
+
+    A segment's cost accrues linearly from its start to its end (a zero-length segment all at
+    once), so the curve is exact at each breakpoint and linear between them.
+    """
+    times = sorted({t for row in spend for t in (row.start, row.end)})
+
+    def accrued(row: SpendRow, t: float, amount: float) -> float:
+        if t >= row.end:
+            return amount
+        if t <= row.start:
+            return 0.0
+        return amount * (t - row.start) / (row.end - row.start)
+
+    total = [sum(accrued(r, t, r.cost_usd) for r in spend) for t in times]
+    wasted = [sum(accrued(r, t, r.wasted_usd) for r in spend) for t in times]
+    return times, total, wasted

@@ -1,0 +1,536 @@
+"""The sweep controller: Optuna ask/tell over launched jobs, judged on FID and dollars.
+
+    ask → compose the trial's run config → estimate its cost (ledger) → launch (submitit)
+        → follow: FID at dollar rungs → report → prune (STOP file) → job ends → sync ledger → tell
+
+Slots are refilled as soon as one frees. Every trial's run folder is `runs/<sweep>-<NNN>` and the
+trial's user attributes hold it (and the job ids), so a controller that is killed and started
+again with the same command re-attaches to running jobs, tells Optuna about the ones that ended
+meanwhile, and launches a trial that was asked but never submitted: nothing runs twice, nothing
+is lost. The total budget is a hard cap: no trial starts when its estimate exceeds what remains,
+and running trials are cut (checkpoint, status "cut") once the spend reaches it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from budget_lab.errors import UserError
+from budget_lab.launch.job import EvalPlan, read_jsonl
+from budget_lab.launch.status import FINAL_STATES, run_status
+
+__all__ = ["SweepController", "SweepSummary", "default_storage", "ensure_builtin_data"]
+
+
+@dataclass
+class SweepSummary:
+    sweep: str
+    objective: str
+    stop_reason: str
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    pareto: list[int] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    spent_usd: float = 0.0
+    budget_usd: float | None = None
+    study_storage: str = ""
+    summary_path: str | None = None
+    report_path: str | None = None
+
+
+def default_storage(workspace, sweep: str) -> str:
+    path = workspace.sweep_dir(sweep) / "study.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def ensure_builtin_data(path: Path, n: int = 2000, progress: bool = True) -> Path:
+    """The built-in synthetic captioned shapes, prepared as 32 px pixels + MiniLM captions, made
+    once (a few tens of seconds on a laptop CPU) and reused by every sweep of the workspace."""
+    from budget_lab.data.prepare import prepare_dataset
+    from budget_lab.data.synth import synth_dataset
+
+    if (path / "manifest.json").is_file():
+        return path
+    images = path.parent / (path.name + "-images")
+    if progress:
+        print(f"preparing the built-in synthetic data ({n} captioned images) in {path} ...")
+    synth_dataset(images, n=n, res=32, seed=0, val_fraction=0.1, progress=progress)
+    prepare_dataset(
+        images, path, resolutions=(32,), vae="pixel", text_encoder="minilm", progress=progress
+    )
+    return path
+
+
+class SweepController:
+    """Runs (or resumes) one sweep to its end: trials done, budget spent, or nothing fits."""
+
+    def __init__(
+        self,
+        spec,
+        workspace,
+        cluster,
+        *,
+        budget_usd: float | None = None,
+        n_trials: int | None = None,
+        storage: str | None = None,
+        overrides: list[str] | tuple[str, ...] = (),
+        poll_s: float = 1.0,
+        progress: bool = True,
+    ):
+        from budget_lab.ledger import Ledger
+
+        self.spec = spec
+        self.workspace = workspace.ensure()
+        self.cluster = cluster
+        self.budget_usd = budget_usd if budget_usd is not None else spec.budget_usd
+        self.n_trials = n_trials if n_trials is not None else spec.n_trials
+        self.storage = storage or default_storage(workspace, spec.name)
+        self.overrides = list(overrides)
+        self.poll_s = poll_s
+        self.progress = progress
+        self.ledger = Ledger.for_workspace(workspace)
+        self._base_estimate_usd: float | None = None  # rung_fractions scale: the base trial's $
+        self.active: dict[int, dict[str, Any]] = {}  # trial number → {"trial", "run_dir", ...}
+        self.stop_reason: str | None = None
+
+    # -- the study --------------------------------------------------------------------------------
+
+    def _study(self) -> optuna.Study:
+        from budget_lab.sweep import make_pruner, make_sampler, study_directions
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        return optuna.create_study(
+            study_name=self.spec.name,
+            storage=self.storage,
+            sampler=make_sampler(self.spec),
+            pruner=make_pruner(self.spec),
+            directions=study_directions(self.spec),
+            load_if_exists=True,
+        )
+
+    def _say(self, text: str) -> None:
+        if self.progress:
+            print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+    # -- one trial --------------------------------------------------------------------------------
+
+    def _run_name(self, number: int) -> str:
+        return f"{self.spec.name}-{number:03d}"
+
+    def _trial_config(self, params: dict[str, Any], extra: list[str] = ()):
+        from budget_lab.config import compose_run
+        from budget_lab.sweep import trial_overrides
+
+        overrides = trial_overrides(self.spec, params) + self.overrides + list(extra)
+        cfg = compose_run(self.spec.recipe, overrides)
+        cfg.data.path = str(Path(cfg.data.path).resolve())
+        return cfg
+
+    def _eval_plan(self, cfg, estimate_usd: float) -> EvalPlan:
+        """FID settings from the trial's eval config (the sweep's `eval` overrides applied); the
+        dollar rungs: absolute `rungs_usd` plus `rung_fractions` of the trial's budget (its
+        estimate when it has none)."""
+        spec = self.spec
+        pruning = spec.pruner != "none"
+        from budget_lab.sweep import resolve_rungs
+
+        rungs = resolve_rungs(spec, self._base_estimate_usd or estimate_usd) if pruning else []
+        return EvalPlan(
+            fid_samples=cfg.eval.fid_samples,
+            sampler_steps=cfg.eval.sampler_steps,
+            rungs_usd=rungs,
+            phase_rung=bool(spec.phase_rung) and pruning,
+            final_eval=True,
+            stop_at_usd=spec.trial_budget_usd if spec.objective == "fid_at_budget" else None,
+        )
+
+    def _estimate(self, cfg):
+        """The trial's cost estimate; on this machine, a missing throughput calibration is
+        measured first (a few training steps), elsewhere it is an error that says how to get one."""
+        from budget_lab.errors import ConfigError
+        from budget_lab.ledger import calibrate_benchmark, estimate_run
+        from budget_lab.ledger.calibration import device_of
+
+        try:
+            return estimate_run(cfg, self.cluster, self.workspace)
+        except ConfigError:
+            if self.cluster.executor != "local":
+                raise
+        phase = cfg.phases[0]
+        self._say(f"calibrating {cfg.model['preset']} throughput on this machine (a few steps)")
+        calibrate_benchmark(
+            self.workspace,
+            str(cfg.model["preset"]),
+            mask_ratio=phase.mask_ratio,
+            device_type=device_of(self.cluster),
+            batch=min(phase.batch_size, 32),
+        )
+        return estimate_run(cfg, self.cluster, self.workspace)
+
+    def _spent(self) -> float:
+        """The sweep's spend: the ledger's settled segments plus live figures of active runs."""
+        from budget_lab.ledger import sync_run
+
+        for info in self.active.values():
+            try:
+                sync_run(self.ledger, info["run_dir"], self.cluster)
+            except UserError:
+                pass  # accounting lags (sacct rows appear a little after the job): next poll
+        return self.ledger.spent(sweep=self.spec.name)  # useful + wasted
+
+    def _launch(self, study: optuna.Study, trial: optuna.trial.Trial | optuna.trial.FrozenTrial, params) -> bool:
+        """Estimate and launch one trial; False (and the trial told FAIL) when it does not fit."""
+        from budget_lab.launch import launch_run
+
+        cfg = self._trial_config(params)
+        estimate = self._estimate(cfg)
+        if self.spec.objective == "fid_at_budget":
+            # Size the phases so the trial spends its budget (the job still stops at it).
+            from budget_lab.sweep import budget_steps
+
+            per_step = _usd_per_step(cfg, estimate)
+            cfg = self._trial_config(params, budget_steps(self.spec, cfg, per_step))
+            estimate = self._estimate(cfg)
+        est = estimate.cost_usd
+        if self.spec.objective == "fid_at_budget" and self.spec.trial_budget_usd:
+            est = min(est, self.spec.trial_budget_usd)
+        if self.budget_usd is not None:
+            committed = self._spent() + sum(
+                max(i["estimate_usd"] - i.get("seen_usd", 0.0), 0.0) for i in self.active.values()
+            )
+            if committed + est > self.budget_usd:
+                study._storage.set_trial_user_attr(
+                    trial._trial_id,
+                    "not_started",
+                    f"estimate ${est:.4f} exceeds the remaining ${self.budget_usd - committed:.4f}",
+                )
+                study.tell(trial.number, state=TrialState.FAIL)
+                self.stop_reason = (
+                    f"budget: the next trial's estimate ${est:.4f} exceeds the remaining "
+                    f"${max(self.budget_usd - committed, 0):.4f} of ${self.budget_usd:.4f}"
+                )
+                return False
+        name = self._run_name(trial.number)
+        record = launch_run(
+            cfg,
+            self.cluster,
+            self.workspace,
+            name,
+            sweep=self.spec.name,
+            trial=trial.number,
+            eval_plan=self._eval_plan(cfg, est),
+        )
+        storage = study._storage
+        for key, value in {
+            "run": name,
+            "run_dir": record.run_dir,
+            "job_ids": record.job_ids,
+            "launch_id": record.launch_id,
+            "cluster": self.cluster.name,
+            "estimate_usd": est,
+        }.items():
+            storage.set_trial_user_attr(trial._trial_id, key, value)
+        self.active[trial.number] = {
+            "trial_id": trial._trial_id,
+            "run_dir": record.run_dir,
+            "estimate_usd": est,
+            "reported": set(),
+            "pruned": False,
+            "launched_at": time.time(),
+        }
+        self._say(
+            f"trial {trial.number}: launched {name} (job {record.job_ids[0]}, est. ${est:.4f}) "
+            + ", ".join(f"{k}={_fmt(v)}" for k, v in params.items())
+        )
+        return True
+
+    def _follow(self, study: optuna.Study, number: int, info: dict[str, Any]) -> bool:
+        """Report new rungs, prune, and tell a finished trial. True when the trial is over."""
+        from budget_lab.ledger import sync_run
+        from budget_lab.sweep import objective_values, report_fid, should_prune
+
+        run_dir = Path(info["run_dir"])
+        trial_id = info["trial_id"]
+        storage = study._storage
+        for row in read_jsonl(run_dir / "rungs.jsonl"):
+            key = (row["kind"], row.get("rung_usd"))
+            if key in info["reported"]:
+                continue
+            info["reported"].add(key)
+            trial = optuna.trial.Trial(study, trial_id)
+            if row["kind"] == "usd":
+                report_fid(trial, row["fid"], row["cost_usd"], rung_usd=row["rung_usd"])
+            else:  # "phase:<name>": the end of a masked phase
+                report_fid(trial, row["fid"], row["cost_usd"], phase=row["kind"].split(":", 1)[1])
+            if not info["pruned"] and should_prune(trial):
+                from budget_lab.train.trainer import request_stop_file
+
+                request_stop_file(run_dir, f"pruned at ${row['cost_usd']:.4f} (FID {row['fid']:.1f})")
+                info["pruned"] = True
+                self._say(
+                    f"trial {number}: pruned at ${row['cost_usd']:.4f} ({row['kind']}, "
+                    f"FID {row['fid']:.1f})"
+                )
+        st = run_status(run_dir)
+        if st.state not in FINAL_STATES:
+            return False
+        try:
+            segments = sync_run(self.ledger, run_dir, self.cluster)
+        except UserError:
+            segments = None
+        if self.cluster.executor == "slurm" and not segments:
+            return False  # accounting rows not there yet: tell once they are
+        cost = self.ledger.spent(run=run_dir.name)  # useful + wasted
+        storage.set_trial_user_attr(trial_id, "cost_usd", cost)
+        storage.set_trial_user_attr(trial_id, "status", st.state)
+        result = st.result or {}
+        fid = (result.get("eval") or {}).get("fid")
+        if fid is None and (run_dir / "eval.json").is_file():
+            import json
+
+            fid = json.loads((run_dir / "eval.json").read_text()).get("fid")
+        budget_cut = str(result.get("cut_reason", "")).startswith("trial budget")
+        if st.state == "completed":  # measured throughput refines the next estimates
+            from budget_lab.ledger import calibrate_from_run
+            from budget_lab.ledger.calibration import device_of
+
+            try:
+                calibrate_from_run(
+                    self.workspace,
+                    run_dir,
+                    device_type=device_of(self.cluster),
+                    devices=max(self.cluster.gpus_per_node, 1),
+                )
+            except UserError:
+                pass
+        if st.state == "completed" or (st.state == "cut" and budget_cut and fid is not None):
+            storage.set_trial_user_attr(trial_id, "fid", fid)
+            values = objective_values(self.spec, fid, cost, self._fid_ref())
+            study.tell(number, values)
+            self._say(f"trial {number}: done, FID {fid:.1f}, ${cost:.4f}")
+        elif st.state == "cut":
+            storage.set_trial_user_attr(trial_id, "cut_reason", result.get("cut_reason"))
+            study.tell(number, state=TrialState.PRUNED)
+            self._say(f"trial {number}: cut ({result.get('cut_reason')}), ${cost:.4f}")
+        else:
+            storage.set_trial_user_attr(trial_id, "error", (st.error or st.state)[-1000:])
+            study.tell(number, state=TrialState.FAIL)
+            self._say(f"trial {number}: {st.state}, ${cost:.4f}: {(st.error or '').strip()[-200:]}")
+        return True
+
+    def _fid_ref(self) -> float | None:
+        """fid_per_dollar's reference: the untrained model's FID at the same N (once per sweep)."""
+        if self.spec.objective != "fid_per_dollar":
+            return None
+        if getattr(self, "_fid_ref_value", None) is None:
+            import json
+
+            path = self.workspace.sweep_dir(self.spec.name) / "fid_ref.json"
+            if path.is_file():
+                self._fid_ref_value = json.loads(path.read_text())["fid"]
+            else:
+                from budget_lab.config import model_config
+                from budget_lab.eval.evaluate import score_model
+                from budget_lab.io import atomic_write_json
+                from model.microdit import MicroDiT
+
+                import torch
+
+                from budget_lab.config import compose_run
+
+                # The base trial (recipe + the sweep's base overrides): the model of the sweep.
+                cfg = compose_run(self.spec.recipe, list(self.spec.base_overrides) + self.overrides)
+                cfg.data.path = str(Path(cfg.data.path).resolve())
+                torch.manual_seed(cfg.seed)
+                net = MicroDiT(model_config(cfg))
+                scored = score_model(
+                    net, cfg, cfg.eval.fid_samples, cfg.eval.sampler_steps, progress=False
+                )
+                self._fid_ref_value = scored["fid"]
+                atomic_write_json(path, {"fid": scored["fid"], "num_samples": scored["num_samples"]})
+        return self._fid_ref_value
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    @property
+    def _scope(self) -> str:
+        return f"sweep:{self.spec.name}"
+
+    def _running_jobs(self):
+        """The active trials as the budget guard sees them: burn rate and stop latency."""
+        from budget_lab.ledger import RunningJob
+
+        jobs = []
+        for info in self.active.values():
+            run_dir = Path(info["run_dir"])
+            record_devices = max(self.cluster.gpus_per_node, 1)
+            rate = self.cluster.price.usd_per_gpu_hour * record_devices
+            # A STOP is seen at the next step; a trial may be inside a rung FID (seconds long).
+            latency = info.get("step_s", 5.0) + 60.0 * bool(self.spec.pruner != "none")
+            jobs.append(
+                RunningJob(
+                    run=run_dir.name,
+                    usd_per_hour=rate,
+                    stop_latency_s=latency,
+                    started_at=info.get("launched_at", 0.0),
+                    stopping=bool(info.get("stopping")),
+                )
+            )
+        return jobs
+
+    def _reattach(self, study: optuna.Study) -> None:
+        """After a restart: follow RUNNING trials again; launch those that were never submitted."""
+        for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            run_dir = frozen.user_attrs.get("run_dir")
+            if run_dir is None:  # asked, never launched (the controller died in between)
+                trial = optuna.trial.Trial(study, frozen._trial_id)
+                self._say(f"trial {frozen.number}: launching (asked before a restart)")
+                if not self._launch(study, trial, dict(frozen.params)):
+                    return
+                continue
+            self.active[frozen.number] = {
+                "trial_id": frozen._trial_id,
+                "run_dir": run_dir,
+                "estimate_usd": frozen.user_attrs.get("estimate_usd", 0.0),
+                "reported": set(),
+                "pruned": (Path(run_dir) / "STOP").is_file(),
+            }
+            self._say(f"trial {frozen.number}: re-attached to {Path(run_dir).name}")
+
+    def run(self) -> SweepSummary:
+        from budget_lab.ledger import BudgetGuard
+        from budget_lab.sweep import suggest
+        from budget_lab.train.trainer import request_stop_file
+
+        study = self._study()
+        self._reattach(study)
+        guard = None
+        if self.budget_usd is not None:
+            guard = BudgetGuard(
+                self.budget_usd,
+                check_interval_s=self.poll_s,
+                crossed=self.ledger.crossed_thresholds(self._scope),
+            )
+        if self.cluster.executor == "local" and self.spec.slots > 1:
+            # Share this machine's cores between the parallel local jobs.
+            per_job = max((os.cpu_count() or 1) // self.spec.slots, 1)
+            os.environ["OMP_NUM_THREADS"] = str(per_job)
+        cut_for_budget = False
+        while True:
+            started = len(study.get_trials(deepcopy=False)) - len(
+                [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("not_started")]
+            )
+            # Fill free slots.
+            while (
+                self.stop_reason is None
+                and not cut_for_budget
+                and len(self.active) < self.spec.slots
+                and started < self.n_trials
+            ):
+                trial = study.ask()
+                params = suggest(trial, self.spec)
+                if not self._launch(study, trial, params):
+                    break
+                started += 1
+            # Follow the running ones.
+            for number in list(self.active):
+                if self._follow(study, number, self.active[number]):
+                    del self.active[number]
+            # The budget cap: stop runs (at their next step, with a checkpoint) before the
+            # spend can pass the cap by the next check; report 50 / 80 / 100 % once each.
+            if guard is not None and self.active:
+                decision = guard.check(self._spent(), self._running_jobs())
+                for fraction in decision.crossed:
+                    self.ledger.record_threshold(
+                        self._scope, fraction, decision.spent_usd, self.budget_usd
+                    )
+                    self._say(
+                        f"budget: {fraction:.0%} of ${self.budget_usd:.4f} reached "
+                        f"(${decision.spent_usd:.4f} spent)"
+                    )
+                for run in decision.stop:
+                    info = next(i for i in self.active.values() if Path(i["run_dir"]).name == run)
+                    if not info.get("stopping"):
+                        request_stop_file(info["run_dir"], "budget cap reached")
+                        info["stopping"] = True
+                if decision.stop and not cut_for_budget:
+                    cut_for_budget = True
+                    self.stop_reason = (
+                        f"budget cap: ${decision.spent_usd:.4f} spent of ${self.budget_usd:.4f}; "
+                        f"{len(decision.stop)} running trial(s) cut at their next step"
+                    )
+                    self._say(self.stop_reason)
+            if not self.active and (
+                self.stop_reason is not None or cut_for_budget or started >= self.n_trials
+            ):
+                break
+            time.sleep(self.poll_s)
+        if self.stop_reason is None:
+            self.stop_reason = f"all {self.n_trials} trials done"
+        return self.summarize(study)
+
+    # -- the end ----------------------------------------------------------------------------------
+
+    def summarize(self, study: optuna.Study | None = None) -> SweepSummary:
+        from budget_lab.sweep import pareto_front
+
+        study = study or self._study()
+        rows = []
+        for t in study.get_trials(deepcopy=False):
+            if t.user_attrs.get("not_started"):
+                continue
+            rows.append(
+                {
+                    "number": t.number,
+                    "state": t.state.name,
+                    "params": dict(t.params),
+                    "fid": t.user_attrs.get("fid"),
+                    "cost_usd": t.user_attrs.get("cost_usd", 0.0),
+                    "run": t.user_attrs.get("run"),
+                    "run_dir": t.user_attrs.get("run_dir"),
+                    "values": list(t.values) if t.values else None,
+                    "error": t.user_attrs.get("error") or t.user_attrs.get("cut_reason"),
+                }
+            )
+        done = [r for r in rows if r["state"] == "COMPLETE" and r["fid"] is not None]
+        front_idx = pareto_front([(r["fid"], r["cost_usd"]) for r in done])
+        pareto = sorted(done[i]["number"] for i in front_idx)
+        best = None
+        if done:
+            if self.spec.objective == "pareto":
+                # The best FID on the front (the front's cheapest point is also shown).
+                best = min((r for r in done if r["number"] in pareto), key=lambda r: r["fid"])
+            else:
+                sign = -1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1
+                best = min(done, key=lambda r: sign * r["values"][0])
+        spent = self.ledger.spent(sweep=self.spec.name)
+        summary = SweepSummary(
+            sweep=self.spec.name,
+            objective=self.spec.objective,
+            stop_reason=self.stop_reason or "not run",
+            trials=rows,
+            pareto=pareto,
+            best=best,
+            spent_usd=spent,
+            budget_usd=self.budget_usd,
+            study_storage=self.storage,
+        )
+        return summary
+
+
+def _usd_per_step(cfg, estimate) -> list[float]:
+    """$ of one optimizer step of each phase, from the estimate's per-phase figures."""
+    rate = estimate.usd_per_gpu_hour
+    return [max(p.gpu_hours * rate / max(p.steps, 1), 1e-12) for p in estimate.phases]
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) and math.isfinite(v) else str(v)
