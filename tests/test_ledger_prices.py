@@ -173,18 +173,19 @@ def test_a_running_segment_reuses_a_recent_history_instead_of_asking_aws_each_sy
     client, stub = stubbed_client()
     rows = history(("us-east-1a", T0 - HOUR, "40.0"))
     stub.add_response("describe_spot_price_history", rows)  # the first sync
-    stub.add_response("describe_spot_price_history", rows)  # the sync after the segment ended
     clock = {"now": T0 + 600}
     with stub:
         book = PriceBook(tmp_path, client_factory=lambda r: client, now=lambda: clock["now"])
         book.price(spot_cluster(), T0, seconds=600, gpus=8, live=True)
-        clock["now"] = T0 + 900  # 5 minutes later, still running: no new request
-        live = book.price(spot_cluster(), T0, seconds=900, gpus=8, live=True)
-        assert live.cost_usd == pytest.approx(900 / HOUR * 40.0)
-        assert len(stub._queue) == 1
-        clock["now"] = T0 + 1000  # it ended at +950: the final figure asks AWS again
-        book.price(spot_cluster(), T0, seconds=950, gpus=8)
         stub.assert_no_pending_responses()
+        clock["now"] = T0 + 900  # 5 minutes later, still running: no new request (one would
+        live = book.price(spot_cluster(), T0, seconds=900, gpus=8, live=True)  # fail: unstubbed)
+        assert not live.estimate and live.cost_usd == pytest.approx(900 / HOUR * 40.0)
+        stub.add_response("describe_spot_price_history", rows)
+        clock["now"] = T0 + 1000  # it ended at +950: the final figure asks AWS again
+        final = book.price(spot_cluster(), T0, seconds=950, gpus=8)
+        stub.assert_no_pending_responses()
+        assert not final.estimate
 
 
 def test_without_a_zone_the_mean_over_zones_is_charged():

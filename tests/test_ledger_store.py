@@ -317,3 +317,29 @@ def test_workspace_layout_and_yaml(tmp_path, monkeypatch):
     ws.config_path.write_text("monthly_budget_usd: -5\n")
     with pytest.raises(ConfigError, match="monthly_budget_usd=-5"):
         Workspace(ws.root).config
+
+
+@pytest.mark.slow
+def test_cost_report_over_100k_segments_takes_under_a_second(tmp_path):
+    """The bench/ledger_scale.py target, kept by a test: GROUP BY in SQLite, not Python loops."""
+    from budget_lab.ledger.report import format_report
+
+    with Ledger(f"sqlite:///{tmp_path / 'big.sqlite'}") as ledger:
+        ledger.insert_many(
+            [
+                seg(f"k{i}", run=f"run-{i % 2000:04d}", sweep=f"s{i % 20}", trial=i % 2000,
+                    phase=("pretrain", "finetune")[i % 2], start=T0 + (i % 90) * DAY + i,
+                    wasted_usd=0.5 if i % 10 == 0 else 0.0)
+                for i in range(100_000)
+            ]
+        )  # fmt: skip
+        for by in ("run", "trial", "day"):
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                rows = ledger.report(by)
+                text = format_report(rows, by=by)
+                best = min(best, time.perf_counter() - t0)
+            assert best <= 1.0, f"cost report --by {by} took {best:.2f} s over 100,000 segments"
+        assert len(rows) == 90 and "total" in text
+        assert ledger.wasted() == pytest.approx(0.5 * 10_000)
