@@ -36,7 +36,8 @@ def _states(job_id: str) -> list[str]:
     return [r["State"].split()[0] for r in sacct_runs(job_id)]
 
 
-def test_a_preempted_requeued_sbatch_job_has_one_segment_per_run(slurm_cluster, tmp_path):
+@pytest.mark.usefixtures("slurm_cluster")
+def test_a_preempted_requeued_sbatch_job_has_one_segment_per_run(tmp_path):
     spot = _sbatch("-p", "spot", "--gres=gpu:2", "--requeue", "--time=60", "--wrap", _SPOT_JOB)
     wait_until(lambda: _states(spot) == ["RUNNING"], 120, f"spot job {spot} to start")
     # Preemption for real: a debug job that needs every GPU of the node.

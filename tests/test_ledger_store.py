@@ -309,14 +309,14 @@ def test_workspace_layout_and_yaml(tmp_path, monkeypatch):
     assert ws.monthly_budget_usd == 250 and ws.ledger_url == "postgresql://u:pw@h/db"
     monkeypatch.delenv("PGPW")
     with pytest.raises(ConfigError, match="PGPW"):
-        Workspace(ws.root).ledger_url
+        _ = Workspace(ws.root).ledger_url
 
     ws.config_path.write_text("monthly_budget: 250\n")
     with pytest.raises(ConfigError, match="unknown key.*monthly_budget; valid keys"):
-        Workspace(ws.root).config
+        _ = Workspace(ws.root).config
     ws.config_path.write_text("monthly_budget_usd: -5\n")
     with pytest.raises(ConfigError, match="monthly_budget_usd=-5"):
-        Workspace(ws.root).config
+        _ = Workspace(ws.root).config
 
 
 @pytest.mark.slow
@@ -328,7 +328,7 @@ def test_cost_report_over_100k_segments_takes_under_a_second(tmp_path):
         ledger.insert_many(
             [
                 seg(f"k{i}", run=f"run-{i % 2000:04d}", sweep=f"s{i % 20}", trial=i % 2000,
-                    phase=("pretrain", "finetune")[i % 2], start=T0 + (i % 90) * DAY + i,
+                    phase=("pretrain", "finetune")[i % 2], start=T0 + (i % 90) * DAY + i % 3600,
                     wasted_usd=0.5 if i % 10 == 0 else 0.0)
                 for i in range(100_000)
             ]

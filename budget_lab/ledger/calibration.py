@@ -1,11 +1,13 @@
 """Calibration: measured training throughput (images/s per device) per preset, resolution, mask
 ratio and device type, kept in the workspace's `calibration.json`. Estimates are built on it.
 
-Three sources, the most recent measurement winning over the paper:
+Sources, the most recent measurement winning over the built-in figures:
 
-- `paper`: built in. MicroDiT-XL/2 on H100, derived from the paper's 504 H100-hours for its
+- `paper` (built in): MicroDiT-XL/2 on H100, derived from the paper's 504 H100-hours for its
   four-phase recipe (see `PAPER`): the 504 hours are split over the phases in proportion to their
   training FLOPs (images x FLOPs per image), i.e. the same utilization in every phase.
+- `reference` (built in): the nano and micro presets on a CPU, from BENCHMARKS.md (a shared
+  2-vCPU VM), so that a local launch has an estimate before anything is measured.
 - `benchmark`: `calibrate_benchmark` times a few real training steps on this machine's device.
 - `run:<name>`: `calibrate_from_run` reads a finished run's metrics.jsonl images_per_s.
 
@@ -34,6 +36,7 @@ __all__ = [
     "native_resolution",
     "device_of",
     "paper_entries",
+    "builtin_entries",
     "calibrate_benchmark",
     "calibrate_from_run",
     "time_training_step",
@@ -101,6 +104,40 @@ class CalibrationEntry:
 
 def _norm_device(device: str) -> str:
     return device.strip().lower()
+
+
+#: (preset, mask ratio, images/s) of `bench/model_step.py` on a 2-vCPU x86_64 VM, fp32, batch 32,
+#: 32 px (BENCHMARKS.md, 2026-11-23): a CPU starting point until `cost calibrate` measures yours.
+_CPU_REFERENCE = (
+    ("nano", 0.0, 101.3),
+    ("nano", 0.5, 137.0),
+    ("nano", 0.75, 165.9),
+    ("micro", 0.0, 41.0),
+    ("micro", 0.5, 46.0),
+    ("micro", 0.75, 73.3),
+)
+_BUILTIN_SOURCES = ("paper", "reference")
+
+
+def builtin_entries() -> list[CalibrationEntry]:
+    """The paper's MicroDiT-XL/2 on H100 figures and the CPU reference figures."""
+    cpu = [
+        CalibrationEntry(
+            preset=preset,
+            resolution=32,
+            mask_ratio=r,
+            device="cpu",
+            images_per_s=ips,
+            source="reference",
+            note="BENCHMARKS.md: bench/model_step.py, 2-vCPU VM, fp32, batch 32",
+        )
+        for preset, r, ips in _CPU_REFERENCE
+    ]
+    return [*paper_entries(), *cpu]
+
+
+def _measured(e: CalibrationEntry) -> bool:
+    return not e.source.startswith(_BUILTIN_SOURCES)
 
 
 def paper_entries() -> list[CalibrationEntry]:
@@ -173,7 +210,7 @@ class Calibration:
         return cls(path=path, entries=entries)
 
     def all_entries(self) -> list[CalibrationEntry]:
-        return [*paper_entries(), *self.entries]
+        return [*builtin_entries(), *self.entries]
 
     def record(self, entry: CalibrationEntry) -> None:
         """Add a measurement (replacing one from the same source for the same key) and save."""
@@ -197,14 +234,14 @@ class Calibration:
     def lookup(
         self, preset: str, *, resolution: int | None, mask_ratio: float, device: str
     ) -> CalibrationEntry:
-        """The throughput for this key: the newest measurement, else the paper's, else one of the
-        same preset and device scaled by training FLOPs. Raises ConfigError when there is none."""
+        """The throughput for this key: the newest measurement, else a built-in figure, else one
+        of the same preset and device scaled by training FLOPs. ConfigError when there is none."""
         resolution = resolution or native_resolution(preset)
         candidates = [
             e for e in self.all_entries() if e.matches(preset, resolution, mask_ratio, device)
         ]
         if candidates:
-            return max(candidates, key=lambda e: (e.source != "paper", e.measured_at or 0.0))
+            return max(candidates, key=lambda e: (_measured(e), e.measured_at or 0.0))
         same = [
             e
             for e in self.all_entries()
@@ -217,7 +254,7 @@ class Calibration:
                 key=lambda e: (
                     e.resolution == resolution,
                     abs(e.mask_ratio - mask_ratio) < 1e-6,
-                    e.source != "paper",
+                    _measured(e),
                     e.measured_at or 0.0,
                 ),
             )

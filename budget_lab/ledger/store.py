@@ -19,7 +19,7 @@ import contextlib
 import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -310,9 +310,7 @@ class Ledger:
         """Insert new segments and update changed ones (by key), in one transaction."""
         rows: dict[str, dict[str, Any]] = {}
         for seg in segments:
-            row = asdict(seg)
-            row["day"] = seg.day
-            rows[seg.key] = row  # the last one wins if a key repeats
+            rows[seg.key] = _row(seg)  # the last one wins if a key repeats
         counts = UpsertCounts()
         if not rows:
             return counts
@@ -537,8 +535,15 @@ class Ledger:
         """Insert segments known to be new, without the per-key comparison of `upsert_segments`."""
         with self._write() as conn:
             for i in range(0, len(segments), 5000):
-                batch = [{**asdict(s), "day": s.day} for s in segments[i : i + 5000]]
+                batch = [_row(s) for s in segments[i : i + 5000]]
                 conn.execute(_segments.insert(), batch)
+
+
+def _row(seg: Segment) -> dict[str, Any]:
+    """A segment as a table row (flat fields: faster than dataclasses.asdict)."""
+    row = {name: getattr(seg, name) for name in _SEGMENT_FIELDS}
+    row["day"] = seg.day
+    return row
 
 
 def _same_row(old: dict[str, Any], new: dict[str, Any]) -> bool:

@@ -84,6 +84,7 @@ class SweepController:
         overrides: list[str] | tuple[str, ...] = (),
         poll_s: float = 1.0,
         progress: bool = True,
+        placement=None,
     ):
         from budget_lab.ledger import Ledger
 
@@ -95,6 +96,7 @@ class SweepController:
         self.storage = storage or default_storage(workspace, spec.name)
         self.overrides = list(overrides)
         self.poll_s = poll_s
+        self.placement = placement  # nodes × GPUs per trial (default: one whole node)
         self.progress = progress
         self.ledger = Ledger.for_workspace(workspace)
         self._base_estimate_usd: float | None = None  # rung_fractions scale: the base trial's $
@@ -152,6 +154,12 @@ class SweepController:
             stop_at_usd=spec.trial_budget_usd if spec.objective == "fid_at_budget" else None,
         )
 
+    def _gpus(self) -> int:
+        """GPUs per trial: the placement's, else a whole node's."""
+        if self.placement is not None and self.placement.gpus_per_node is not None:
+            return self.placement.gpus_per_node
+        return self.cluster.gpus_per_node
+
     def _estimate(self, cfg):
         """The trial's cost estimate; on this machine, a missing throughput calibration is
         measured first (a few training steps), elsewhere it is an error that says how to get one."""
@@ -160,7 +168,7 @@ class SweepController:
         from budget_lab.ledger.calibration import device_of
 
         try:
-            return estimate_run(cfg, self.cluster, self.workspace)
+            return estimate_run(cfg, self.cluster, self.workspace, gpus_per_node=self._gpus())
         except ConfigError:
             if self.cluster.executor != "local":
                 raise
@@ -173,7 +181,7 @@ class SweepController:
             device_type=device_of(self.cluster),
             batch=min(phase.batch_size, 32),
         )
-        return estimate_run(cfg, self.cluster, self.workspace)
+        return estimate_run(cfg, self.cluster, self.workspace, gpus_per_node=self._gpus())
 
     def _spent(self) -> float:
         """The sweep's spend: the ledger's settled segments plus live figures of active runs."""
@@ -224,6 +232,7 @@ class SweepController:
             self.cluster,
             self.workspace,
             name,
+            self.placement,
             sweep=self.spec.name,
             trial=trial.number,
             eval_plan=self._eval_plan(cfg, est),
@@ -371,7 +380,7 @@ class SweepController:
         jobs = []
         for info in self.active.values():
             run_dir = Path(info["run_dir"])
-            record_devices = max(self.cluster.gpus_per_node, 1)
+            record_devices = max(self._gpus(), 1)
             rate = self.cluster.price.usd_per_gpu_hour * record_devices
             # A STOP is seen at the next step; a trial may be inside a rung FID (seconds long).
             latency = info.get("step_s", 5.0) + 60.0 * bool(self.spec.pruner != "none")
