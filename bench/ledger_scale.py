@@ -98,6 +98,8 @@ def main() -> None:
         f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}"
     ).replace("  ", " ")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    machine += f", load average {load:.1f} at start (a shared machine: other work slows it)"
     command = f"python bench/ledger_scale.py --segments {args.segments} --repeat {args.repeat}"
     lines = [
         f"### Ledger at scale: `cost report` over {args.segments:,} segments ({date.today()})",

@@ -63,6 +63,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def postgres_server():
     """A throw-away PostgreSQL server on 127.0.0.1; yields a function making a fresh database URL."""
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver: pip install -e '.[dev]'")
     bindir = _pg_bin()
     if bindir is None:
         reason = _apt_install_postgresql()
@@ -207,6 +208,8 @@ def test_thresholds_are_recorded_once(ledger_url):
 
 
 _WRITERS, _OWN, _SHARED = 8, 24, 10
+# fork is much faster to start than spawn on 2 cores; each child opens its own Ledger (engine).
+_MP = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
 
 
 def _writer(url: str, i: int) -> tuple[int, bool]:
@@ -225,7 +228,7 @@ def _writer(url: str, i: int) -> tuple[int, bool]:
 
 def test_concurrent_writer_processes_lose_and_duplicate_nothing(ledger_url):
     Ledger(ledger_url).close()  # schema first; the children race on rows, not on DDL
-    ctx = multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context(_MP)
     t0 = time.perf_counter()
     with ctx.Pool(_WRITERS) as pool:
         results = pool.starmap(_writer, [(ledger_url, i) for i in range(_WRITERS)])
@@ -244,7 +247,7 @@ def test_concurrent_writer_processes_lose_and_duplicate_nothing(ledger_url):
 def test_a_fresh_schema_race_between_processes(tmp_path):
     """8 processes open a ledger that does not exist yet: one creates it, nobody fails."""
     url = f"sqlite:///{tmp_path / 'fresh' / 'ledger.sqlite'}"
-    ctx = multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context(_MP)
     with ctx.Pool(_WRITERS) as pool:
         pool.starmap(_open_and_close, [(url,)] * _WRITERS)
     with Ledger(url) as ledger:

@@ -370,8 +370,6 @@ def sync_run(
         priced = prices.price(cluster, span.start, span.seconds, span.gpus, live=live)
         priced = _reuse_price(priced, existing.get(span.key), span)
         wasted, reason = _waste(span, priced, status, result.get("cut_reason"), checkpoint_times)
-        if span.state == "RUNNING" and status not in ("failed", "cut"):
-            wasted, reason = 0.0, None
         segments.append(
             Segment(
                 key=span.key,

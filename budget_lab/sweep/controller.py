@@ -322,7 +322,7 @@ class SweepController:
                 pass
         if st.state == "completed" or (st.state == "cut" and budget_cut and fid is not None):
             storage.set_trial_user_attr(trial_id, "fid", fid)
-            values = objective_values(self.spec, fid, cost, self._fid_ref())
+            values = objective_values(self.spec, fid, cost, self._fid_ref(run_dir))
             study.tell(number, values)
             self._say(f"trial {number}: done, FID {fid:.1f}, ${cost:.4f}")
         elif st.state == "cut":
@@ -335,37 +335,32 @@ class SweepController:
             self._say(f"trial {number}: {st.state}, ${cost:.4f}: {(st.error or '').strip()[-200:]}")
         return True
 
-    def _fid_ref(self) -> float | None:
-        """fid_per_dollar's reference: the untrained model's FID at the same N (once per sweep)."""
+    def _fid_ref(self, run_dir: Path) -> float | None:
+        """fid_per_dollar's reference F0: the untrained model's FID at the same N on the same
+        data (the trial's own config, initial weights), measured once per data set and kept in
+        sweeps/<name>/fid_ref.json."""
         if self.spec.objective != "fid_per_dollar":
             return None
-        if getattr(self, "_fid_ref_value", None) is None:
-            import json
+        import json
 
-            path = self.workspace.sweep_dir(self.spec.name) / "fid_ref.json"
-            if path.is_file():
-                self._fid_ref_value = json.loads(path.read_text())["fid"]
-            else:
-                from budget_lab.config import model_config
-                from budget_lab.eval.evaluate import score_model
-                from budget_lab.io import atomic_write_json
-                from model.microdit import MicroDiT
+        import torch
 
-                import torch
+        from budget_lab.config import model_config, run_config_from_dict
+        from budget_lab.eval.evaluate import score_model
+        from budget_lab.io import atomic_write_json
+        from model.microdit import MicroDiT
 
-                from budget_lab.config import compose_run
-
-                # The base trial (recipe + the sweep's base overrides): the model of the sweep.
-                cfg = compose_run(self.spec.recipe, list(self.spec.base_overrides) + self.overrides)
-                cfg.data.path = str(Path(cfg.data.path).resolve())
-                torch.manual_seed(cfg.seed)
-                net = MicroDiT(model_config(cfg))
-                scored = score_model(
-                    net, cfg, cfg.eval.fid_samples, cfg.eval.sampler_steps, progress=False
-                )
-                self._fid_ref_value = scored["fid"]
-                atomic_write_json(path, {"fid": scored["fid"], "num_samples": scored["num_samples"]})
-        return self._fid_ref_value
+        cfg = run_config_from_dict(yaml_load(run_dir / "config.yaml"))
+        key = f"{cfg.data.path}|{cfg.eval.fid_samples}|{cfg.eval.sampler_steps}|{cfg.model}"
+        path = self.workspace.sweep_dir(self.spec.name) / "fid_ref.json"
+        refs = json.loads(path.read_text()) if path.is_file() else {}
+        if key not in refs:
+            torch.manual_seed(cfg.seed)
+            net = MicroDiT(model_config(cfg))
+            scored = score_model(net, cfg, progress=False)
+            refs[key] = scored["fid"]
+            atomic_write_json(path, refs)
+        return refs[key]
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -434,8 +429,10 @@ class SweepController:
             os.environ["OMP_NUM_THREADS"] = str(per_job)
         cut_for_budget = False
         while True:
-            started = len(study.get_trials(deepcopy=False)) - len(
-                [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("not_started")]
+            started = sum(  # enqueued (WAITING) trials have not started
+                1
+                for t in study.get_trials(deepcopy=False)
+                if t.state != TrialState.WAITING and not t.user_attrs.get("not_started")
             )
             # Fill free slots.
             while (
@@ -535,6 +532,12 @@ class SweepController:
         return summary
 
 
+def yaml_load(path: Path) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
 def _usd_per_step(cfg, estimate) -> list[float]:
     """$ of one optimizer step of each phase, from the estimate's per-phase figures."""
     rate = estimate.usd_per_gpu_hour
@@ -542,4 +545,4 @@ def _usd_per_step(cfg, estimate) -> list[float]:
 
 
 def _fmt(v: Any) -> str:
-    return f"{v:.3g}" if isinstance(v, float) and math.isfinite(v) else str(v)
+    return f"{v:.4g}" if isinstance(v, float) and math.isfinite(v) else str(v)
