@@ -79,8 +79,6 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from model.config import ModelConfigError
-
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # KEY=VALUE overrides may come after options (`sweep mask_ratio --trials 2 seed=3`).
@@ -91,12 +89,19 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
-    except (UserError, ModelConfigError) as err:
+    except UserError as err:
         print(f"budget-lab: error: {err}", file=sys.stderr)
-        return getattr(err, "exit_code", 2)
+        return err.exit_code
     except KeyboardInterrupt:
         print("budget-lab: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        # An invalid model config is a user mistake too; model/ stays free of budget_lab imports,
+        # and importing it (torch) only when needed keeps commands that do not touch it fast.
+        if type(err).__name__ == "ModelConfigError":
+            print(f"budget-lab: error: {err}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ def _launch(args: argparse.Namespace) -> int:
         f"{p.name} ({p.steps} steps × {p.batch_size}, mask {p.mask_ratio:g})" for p in cfg.phases
     )
     print(f"run      {name}  →  {workspace.run_dir(name)}")
-    print(f"recipe   {args.recipe}: {cfg.model.preset}, {steps}")
+    print(f"recipe   {args.recipe}: {cfg.model['preset']}, {steps}")
     where = f"{nodes} node(s) × {gpus} {cluster.gpu_type}" if gpus else "1 node, CPU only"
     part = f", partition {cluster.slurm.partition}" if cluster.slurm else ""
     print(f"cluster  {cluster.name} ({cluster.executor}{part}): {where}, {cluster.capacity}")

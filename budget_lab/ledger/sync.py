@@ -64,7 +64,9 @@ _LOSSY_STATES = frozenset(
     }
 )
 # A cut that is a sweep trial's planned stop at its own budget (see budget_lab.launch.job).
-_PLANNED_CUT_PREFIX = "trial budget"
+# Cuts that are part of the plan, not waste: fid_at_budget's stop at the trial budget, and a
+# pruned sweep trial (its spend bought the answer "this configuration lags"). A cap's cut wastes.
+_PLANNED_CUT_PREFIX = ("trial budget", "pruned")
 
 
 @dataclass

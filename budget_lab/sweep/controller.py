@@ -189,7 +189,7 @@ class SweepController:
 
         for info in self.active.values():
             try:
-                sync_run(self.ledger, info["run_dir"], self.cluster)
+                sync_run(self.ledger, info["run_dir"], self.cluster, sacct_wait_s=0)
             except UserError:
                 pass  # accounting lags (sacct rows appear a little after the job): next poll
         return self.ledger.spent(sweep=self.spec.name)  # useful + wasted
