@@ -4,18 +4,20 @@ For N launches of a tiny run (nano, 2 + 1 steps at batch 8, on a 160-image prepa
 a time (each waits for the previous run to end, so no launch queues behind another), this times:
 
 - `launch_run` itself: wall time, and the controller's CPU time (this process, user + system;
-  plus the children it waited for, i.e. `sbatch` on Slurm, reported apart);
-- launch → the job's "start" row in the run's segments.jsonl: the scheduler placed the job and
-  its Python is running our code (submitit unpickled the `TrainJob`; torch not imported yet);
-- launch → the trainer is ready (result.json `started_at`: torch imported, model built, data
-  opened, about to take its first step);
-- launch → the first metrics row (the first optimizer step is done);
-- on Slurm also launch → the job's start in sacct (whole seconds: Slurm's own clock).
+  on Slurm also the `sbatch` child it waits for, reported apart);
+- on Slurm, launch → the job's start in sacct (whole seconds: Slurm's own clock);
+- launch → the job's Python is running submitit's job entry point (the first line of the task's
+  submitit log, "Starting with JobEnvironment": Python, numpy and submitit imported);
+- launch → the job's "start" row in the run's segments.jsonl (`TrainJob.__call__`: written
+  after it has imported the config and trainer modules, i.e. torch);
+- launch → the trainer is ready (result.json `started_at`: model built, data opened, about to
+  take its first step);
+- launch → the first metrics row (the first optimizer step is done).
 
 The times come from the rows' own timestamps (the job and this process share the machine's
-clock), so the polling interval does not add to them. Modules `launch_run` imports lazily are
-imported once before the first launch, so every launch is measured warm; their one-off import
-time is reported apart.
+clock), so the polling interval does not add to them. The bench process has imported
+`budget_lab.launch` (and submitit) before the first launch, as a controller has: every launch is
+measured warm.
 
     python bench/launch_overhead.py                                  # slurm-local and local
     python bench/launch_overhead.py --cluster local --n 10
@@ -167,7 +169,8 @@ class LaunchTiming:
     job_id: str
     launch_wall_s: float
     launch_cpu_s: float  # this process, user + system, during launch_run
-    children_cpu_s: float  # children waited for during launch_run (sbatch), user + system
+    children_cpu_s: float | None  # sbatch (Slurm only), user + system
+    to_python_s: float | None = None  # submitit's log: the job's entry point running
     to_job_start_s: float | None = None
     to_trainer_ready_s: float | None = None
     to_first_metrics_s: float | None = None
@@ -175,10 +178,36 @@ class LaunchTiming:
     state: str = "?"
 
 
+#: What a job imports before its segments.jsonl start row (see `python_floor`).
+FLOOR_IMPORTS = (
+    "submitit.core.submission, budget_lab.launch.job, budget_lab.config, budget_lab.train.trainer"
+)
+
+
+def submitit_log_start(record) -> float | None:
+    """When the job's task logged "Starting with JobEnvironment" (epoch seconds, ms resolution;
+    the logging module writes local time)."""
+    from budget_lab.launch.status import log_paths
+
+    stdout, stderr = log_paths(record)
+    for path in (stderr, stdout):
+        if not path.is_file():
+            continue
+        for line in path.read_text(errors="replace").splitlines():
+            if "Starting with JobEnvironment" in line and "(" in line:
+                stamp = line.split("(", 1)[1].split(")", 1)[0]
+                try:
+                    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                except ValueError:
+                    return None
+    return None
+
+
 def python_floor(repeat: int = 3) -> tuple[float, float]:
     """Median (wall, CPU) seconds of a bare fresh Python importing what a job imports before its
-    start row (submitit's job entry point and budget_lab.launch.job), on this machine, now."""
-    code = "import submitit.core.submission, budget_lab.launch.job"
+    start row (`FLOOR_IMPORTS`: submitit's job entry point, the job module, then the config and
+    trainer modules, hence torch), on this machine, now."""
+    code = f"import {FLOOR_IMPORTS}"
     walls, cpus = [], []
     for _ in range(repeat):
         kids0 = _cpu_now()[1]
@@ -208,7 +237,9 @@ def time_one_launch(cfg, cluster, workspace: Workspace, name: str, placement, ti
         job_id=record.job_ids[0],
         launch_wall_s=wall,
         launch_cpu_s=cpu1 - cpu0,
-        children_cpu_s=kids1 - kids0,
+        # Only sbatch is waited for during a Slurm launch; the local executor's earlier job
+        # processes are reaped at unrelated times and would add their whole CPU here.
+        children_cpu_s=kids1 - kids0 if cluster.executor == "slurm" else None,
     )
     run_dir = Path(record.run_dir)
     deadline = time.time() + timeout_s
@@ -232,6 +263,9 @@ def time_one_launch(cfg, cluster, workspace: Workspace, name: str, placement, ti
         time.sleep(0.25)
     else:
         timing.state = f"timeout ({run_status(run_dir).state})"
+    started = submitit_log_start(record)
+    if started is not None:
+        timing.to_python_s = started - t_launch
     if cluster.executor == "slurm":
         start = None
         for _ in range(20):  # accounting rows lag a little
@@ -251,10 +285,11 @@ def time_one_launch(cfg, cluster, workspace: Workspace, name: str, placement, ti
 METRICS = [
     ("launch_wall_s", "`launch_run` wall time (controller)"),
     ("launch_cpu_s", "`launch_run` CPU time, controller process"),
-    ("children_cpu_s", "`launch_run` CPU time, waited-for children (`sbatch`)"),
+    ("children_cpu_s", "`launch_run` CPU time, `sbatch` child"),
     ("to_sched_start_s", "launch → job started (Slurm accounting, whole seconds)"),
-    ("to_job_start_s", "launch → job running our Python (segments.jsonl `start`)"),
-    ("to_trainer_ready_s", "launch → trainer ready (torch imported, model built)"),
+    ("to_python_s", "launch → job's Python in submitit's entry point (its log)"),
+    ("to_job_start_s", "launch → `TrainJob` running, torch imported (segments.jsonl `start`)"),
+    ("to_trainer_ready_s", "launch → trainer ready (model built, data opened)"),
     ("to_first_metrics_s", "launch → first metrics row (first step done)"),
 ]
 
@@ -278,10 +313,54 @@ def summary_table(cluster_name: str, timings: list[LaunchTiming]) -> list[str]:
             f"| {label} | {_fmt_ms(percentile(values, 50))} | {_fmt_ms(percentile(values, 90))} "
             f"| {_fmt_ms(min(values))} | {_fmt_ms(max(values))} |"
         )
+    lines += [
+        "",
+        "Where the time goes (median of each launch's own differences): " + stages(timings),
+    ]
+    queued = [t for t in timings if (t.to_sched_start_s or 0.0) > QUEUED_S]
+    if queued:
+        lines += [
+            "",
+            f"{len(queued)} of {len(timings)} launches waited more than {QUEUED_S:.0f} s for Slurm "
+            "to start them (other jobs held the node: the cluster is shared): "
+            + ", ".join(f"{t.run} {t.to_sched_start_s:.1f} s" for t in queued)
+            + ". The p90 and max above include that queueing.",
+        ]
     bad = [f"{t.run}: {t.state}" for t in timings if t.state != "completed"]
     if bad:
         lines += ["", f"Runs that did not complete: {', '.join(bad)}."]
     return lines
+
+
+#: A launch whose Slurm start comes later than this waited in the queue behind other jobs.
+QUEUED_S = 2.0
+
+
+def stages(timings: list[LaunchTiming]) -> str:
+    """The start-up split into its steps, each the median over launches of its own length."""
+    steps = [
+        ("`launch_run`", None, "launch_wall_s"),
+        ("scheduling", None, "to_sched_start_s"),
+        ("to Python in submitit's entry point", "to_sched_start_s", "to_python_s"),
+        ("imports (torch) and unpickling to the start row", "to_python_s", "to_job_start_s"),
+        ("model, EMA, data and accelerate set-up", "to_job_start_s", "to_trainer_ready_s"),
+        ("the first step (first forward/backward)", "to_trainer_ready_s", "to_first_metrics_s"),
+    ]
+    parts = []
+    for label, since, until in steps:
+        values = []
+        for t in timings:
+            end = getattr(t, until)
+            begin = 0.0 if since is None else getattr(t, since)
+            if since == "to_sched_start_s" and begin is None:
+                begin = 0.0  # no scheduler: from the launch
+            if end is not None and begin is not None:
+                values.append(max(end - max(begin, 0.0), 0.0))
+        if values and not (
+            until == "to_sched_start_s" and all(t.to_sched_start_s is None for t in timings)
+        ):
+            parts.append(f"{label} {_fmt_ms(percentile(values, 50))}")
+    return "; ".join(parts) + "."
 
 
 def raw_table(timings: list[LaunchTiming]) -> list[str]:
@@ -289,14 +368,15 @@ def raw_table(timings: list[LaunchTiming]) -> list[str]:
         return "–" if value is None else f"{value:.3f}"
 
     lines = [
-        "| run | job | launch wall | launch CPU | children CPU | sched start | job start "
-        "| trainer ready | 1st metrics | state |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| run | job | launch wall | launch CPU | sbatch CPU | sched start | job Python "
+        "| job start row | trainer ready | 1st metrics | state |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in timings:
         lines.append(
             f"| {t.run} | {t.job_id} | {cell(t.launch_wall_s)} | {cell(t.launch_cpu_s)} "
-            f"| {cell(t.children_cpu_s)} | {cell(t.to_sched_start_s)} | {cell(t.to_job_start_s)} "
+            f"| {cell(t.children_cpu_s)} | {cell(t.to_sched_start_s)} | {cell(t.to_python_s)} "
+            f"| {cell(t.to_job_start_s)} "
             f"| {cell(t.to_trainer_ready_s)} | {cell(t.to_first_metrics_s)} | {t.state} |"
         )
     return lines
@@ -325,15 +405,6 @@ def main() -> None:
     machine = machine_line()
     print(f"machine: {machine}\ncommand: {command}\ndate: {started:%Y-%m-%d %H:%M %Z}", flush=True)
 
-    # The lazy imports of launch_run (submitit, yaml, the job module), once, timed apart.
-    t0 = time.perf_counter()
-    import submitit  # noqa: F401
-    import yaml  # noqa: F401
-
-    import budget_lab.launch.job  # noqa: F401
-    import budget_lab.launch.status  # noqa: F401
-
-    import_s = time.perf_counter() - t0
     floor_wall, floor_cpu = python_floor()
 
     tmp = Path(tempfile.mkdtemp(prefix="launch-overhead-"))
@@ -381,16 +452,15 @@ def main() -> None:
         "",
         f"Command: `{command}`; submitit {_submitit.__version__}, {slurm_version()}. "
         f"Run: nano, `{' '.join(TINY_OVERRIDES)}` on 160 prepared 32 px images; one launch at a "
-        "time (each after the previous run ended), CPU-only placement. One-off imports before the "
-        f"first launch (submitit, yaml, the job and status modules): {import_s * 1000:.0f} ms.",
+        "time (each after the previous run ended), CPU-only placement.",
         "",
-        'The floor of "launch → job running our Python": a bare fresh Python importing what the '
-        "job imports before its start row (`import submitit.core.submission, "
-        f"budget_lab.launch.job`) took {floor_wall:.2f} s wall ({floor_cpu:.2f} s CPU) on this "
-        "machine at the start; the local executor starts two such Pythons in a row (submitit's "
-        "job controller, then the task), Slurm one (after slurmd/slurmstepd). Load average at the "
-        f"end: {end_load[0]:.2f} / {end_load[1]:.2f} / {end_load[2]:.2f}. Slurm's accounting "
-        "keeps whole seconds (truncated), so its start can read up to 1 s before the launch.",
+        "The floor of launch → start row: a bare fresh Python importing what the job imports "
+        f"before it writes that row (`import {FLOOR_IMPORTS}`) took {floor_wall:.2f} s wall "
+        f"({floor_cpu:.2f} s CPU) on this machine at the start. The local executor starts two "
+        "Pythons in a row (submitit's job controller, then the task); Slurm one, through "
+        "slurmd/slurmstepd and srun. Load average at the end: "
+        f"{end_load[0]:.2f} / {end_load[1]:.2f} / {end_load[2]:.2f}. Slurm's accounting keeps "
+        "whole seconds (truncated), so its start can read up to 1 s before the launch.",
         "",
     ]
     for name, timings in results.items():

@@ -384,6 +384,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=1.0, help="sweep budget $ (0: none)")
     parser.add_argument("--data", default=None, help="prepared data (default: made here, ~20 s)")
     parser.add_argument("--out", default=None, help="also write the Markdown here")
+    parser.add_argument("--append", action="store_true", help="append to --out, not replace it")
     parser.add_argument("--keep", action="store_true", help="keep the temporary workspace")
     args = parser.parse_args()
     if not 1 <= args.trials <= len(MASK_RATIOS) * len(EMA_DECAYS):
@@ -405,8 +406,8 @@ def main() -> None:
         if why is not None:
             sys.exit(f"Slurm not reachable ({why}): start it with scripts/slurm/start-slurm.sh")
         if cluster.gpus_per_node:  # trials take a whole node's (fake) GPUs: one at a time
-            cluster = load_cluster(args.cluster, ["gpus_per_node=0"])
-            cluster_note = " with `gpus_per_node=0` (CPU trials: the fake GPUs do not train)"
+            cluster = load_cluster(args.cluster, ["gpus_per_node=0", "gpu_type=cpu"])
+            cluster_note = " with `gpus_per_node=0 gpu_type=cpu` (CPU trials, priced per node-hour)"
 
     tmp = Path(tempfile.mkdtemp(prefix="sweep-overhead-"))
     probe = Probe()
@@ -436,11 +437,13 @@ def main() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
     lines = report(args, probe, trials, summary, run_cpu, machine, command, started, cluster)
-    lines[3:3] = [f"Cluster: `{cluster.name}`{cluster_note}.", ""]
+    lines[4:4] = [f"Cluster: `{cluster.name}`{cluster_note}.", ""]
     text = "\n".join(lines)
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        if args.append and Path(args.out).is_file():
+            text = Path(args.out).read_text().rstrip("\n") + "\n\n" + text
         Path(args.out).write_text(text)
         print(f"wrote {args.out}")
 
@@ -510,6 +513,25 @@ def report(args, probe, trials, summary, run_cpu, machine, command, started, clu
         return sum(xs) / len(xs) if xs else float("nan")
 
     own_med, own_p90 = percentile(own.wall, 50), percentile(own.wall, 90)
+    parts = {
+        "compose (`compose_run`, three times)": compose,
+        "Optuna `ask`": ask,
+        "Optuna `tell`": tell,
+        "Optuna user attributes": attrs,
+        "`suggest`": suggest,
+        "estimate (FLOP counts)": estimate,
+        "`calibrate_from_run`": calibrate,
+        "`launch_run`": launch_run,
+        "ledger `sync_run`": sync,
+    }
+    biggest = sorted(
+        ((label, percentile(t.cpu, 50)) for label, t in parts.items()), key=lambda x: -x[1]
+    )[:5]
+    # Controller CPU per loop pass outside the per-trial work (the thread's CPU over the run).
+    poll_cpu = max(run_cpu - sum(total.cpu), 0.0)
+    per_pass_cpu = poll_cpu / max(passes, 1)
+    poll_cpu_per_trial = poll_cpu / max(n, 1)
+    lost = sum(mean(xs) for xs in (startup, detect, refill) if xs)  # no refill: 2 trials
     cpu_med = percentile(own.cpu, 50)
     lines = [
         f"### Sweep controller overhead and slot utilisation ({started:%Y-%m-%d})",
@@ -587,7 +609,19 @@ def report(args, probe, trials, summary, run_cpu, machine, command, started, clu
         f"median, {own_p90 * 1000:.1f} ms p90 wall ({cpu_med * 1000:.1f} ms median CPU) without "
         f"submitit's submit; {percentile(total.wall, 50) * 1000:.1f} ms median with it: "
         f"**{'met' if own_p90 <= 0.050 else 'NOT met'}**.",
-        f"- Slot utilisation ≥ 95%: **{util:.1%}, {'met' if util >= 0.95 else 'NOT met'}**.",
+        "  The largest parts, by median controller CPU per trial: "
+        + ", ".join(f"{label} {_ms(value)} ms" for label, value in biggest)
+        + f". Polling adds {per_pass_cpu * 1000:.1f} ms of controller CPU per loop pass "
+        f"(every {args.poll} s plus the pass itself), {poll_cpu_per_trial * 1000:.0f} ms per "
+        "trial over this sweep.",
+        f"- Slot utilisation ≥ 95%: **{util:.1%}, {'met' if util >= 0.95 else 'NOT met'}**. "
+        f"A trial's job ran {mean(job_s):.1f} s on average and its slot lost {lost:.1f} s around "
+        f"it: job start-up {mean(startup):.1f} s (Python, twice for the local executor, then "
+        f"torch before the start row), detection {mean(detect):.2f} s (up to one `poll_s` "
+        "plus the loop pass, longer when a launch in the same pass is slow: passes are "
+        f"sequential), refill {mean(refill):.2f} s (ask → compose → estimate → launch). With "
+        f"these losses, 95% needs jobs of at least {19 * lost:.0f} s (J / (J + "
+        f"{lost:.1f} s) ≥ 0.95).",
         "",
         "Every trial (seconds from the first launch):",
         "",

@@ -39,6 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--slots", type=int, default=None, help="parallel jobs (default: the sweep's)")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite in the workspace)")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report at the end")
+    p.add_argument(
+        "--wandb-project",
+        default="budget-lab",
+        help="W&B project of the sweep's summary run (offline without an API key)",
+    )
+    p.add_argument("--no-wandb", action="store_true", help="no W&B summary run")
     add_workspace_argument(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run config overrides for every trial")
     p.set_defaults(func=_sweep)
@@ -49,7 +55,6 @@ def _sweep(args: argparse.Namespace) -> int:
 
     from budget_lab.config import compose_run
     from budget_lab.errors import ConfigError, DataError
-    from budget_lab.io import atomic_write_json
     from budget_lab.launch.cluster import load_cluster
     from budget_lab.sweep import load_sweep
     from budget_lab.sweep.controller import SweepController, ensure_builtin_data
@@ -95,13 +100,21 @@ def _sweep(args: argparse.Namespace) -> int:
         overrides=overrides,
     )
     summary = controller.run()
-    write_sweep_outputs(controller, summary, report=not args.no_report)
+    write_sweep_outputs(
+        controller,
+        summary,
+        report=not args.no_report,
+        wandb_project=None if args.no_wandb else args.wandb_project,
+    )
     _print_summary(summary, time.time() - t0)
     return 0
 
 
-def write_sweep_outputs(controller, summary, report: bool = True) -> None:
-    """sweep.json (state), summary.json (the report data) and the HTML report."""
+def write_sweep_outputs(
+    controller, summary, report: bool = True, wandb_project: str | None = None
+) -> None:
+    """sweep.json (state), summary.json (the report data), the HTML report, and the W&B
+    summary run (trials table, Pareto front as a table and a plot; offline without a key)."""
     from budget_lab.io import atomic_write_json
     from budget_lab.report.data import report_data_to_json
     from budget_lab.report.load import load_report_data
@@ -133,6 +146,14 @@ def write_sweep_outputs(controller, summary, report: bool = True) -> None:
         from budget_lab.report.html import write_html_report
 
         summary.report_path = str(write_html_report(data, folder / "report"))
+    if wandb_project:
+        from budget_lab.report.wandb_report import log_sweep_summary, open_summary_run
+
+        run = open_summary_run(data, wandb_project, dir=folder)
+        try:
+            log_sweep_summary(data, run)
+        finally:
+            run.finish()
 
 
 def _print_summary(summary, seconds: float) -> None:

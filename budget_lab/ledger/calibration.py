@@ -292,18 +292,20 @@ def time_training_step(
     warmup: int = 2,
     device: str | None = None,
     seed: int = 0,
+    model_cfg: Any = None,
 ) -> float:
-    """Median seconds of one full training step (EDM loss, backward, AdamW) of a preset on one
-    device: fp32 on CPU, bf16 autocast on a GPU. Random inputs: only the speed is measured."""
+    """Median seconds of one full training step (EDM loss, backward, AdamW) of a preset (or of
+    `model_cfg`, a MicroDiTConfig, e.g. with routes) on one device: fp32 on CPU, bf16 autocast on
+    a GPU. Random inputs: only the speed is measured."""
     import torch
 
     from model.config import get_preset
     from model.edm import EDMPrecond, edm_loss
     from model.microdit import MicroDiT
 
-    cfg = get_preset(preset)
+    cfg = model_cfg if model_cfg is not None else get_preset(preset)
     factor = 1 if cfg.in_channels == 3 else 8
-    size = (resolution or native_resolution(preset)) // factor
+    size = (resolution // factor) if resolution else cfg.input_size
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     torch.manual_seed(seed)

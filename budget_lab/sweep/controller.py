@@ -183,6 +183,28 @@ class SweepController:
         )
         return estimate_run(cfg, self.cluster, self.workspace, gpus_per_node=self._gpus())
 
+    def _usd_per_step(self, cfg, estimate) -> list[float]:
+        """$ of one optimizer step of each phase. On this machine: timed on the trial's exact
+        model (routes and all, a few steps); elsewhere: from the estimate's calibration."""
+        if self.cluster.executor != "local":
+            return _usd_per_step(cfg, estimate)
+        from budget_lab.config import model_config
+        from budget_lab.ledger.calibration import time_training_step
+
+        rate = estimate.usd_per_gpu_hour * max(self._gpus(), 1) / 3600
+        out = []
+        for phase in cfg.phases:
+            seconds = time_training_step(
+                str(cfg.model["preset"]),
+                mask_ratio=phase.mask_ratio,
+                batch=phase.batch_size,
+                steps=3,
+                warmup=1,
+                model_cfg=model_config(cfg),
+            )
+            out.append(seconds * rate)
+        return out
+
     def _spent(self) -> float:
         """The sweep's spend: the ledger's settled segments plus live figures of active runs."""
         from budget_lab.ledger import sync_run
@@ -204,8 +226,18 @@ class SweepController:
             # Size the phases so the trial spends its budget (the job still stops at it).
             from budget_lab.sweep import budget_steps
 
-            per_step = _usd_per_step(cfg, estimate)
-            cfg = self._trial_config(params, budget_steps(self.spec, cfg, per_step))
+            per_step = self._usd_per_step(cfg, estimate)
+            sized = budget_steps(self.spec, cfg, per_step)
+            # The job stops at the budget; give the last phase room so every trial spends it all
+            # (an estimate a little off would otherwise end a trial below the budget).
+            last = len(cfg.phases) - 1
+            sized = [
+                f"phases.{last}.steps={2 * int(o.split('=')[1])}"
+                if o.startswith(f"phases.{last}.steps=")
+                else o
+                for o in sized
+            ]
+            cfg = self._trial_config(params, sized)
             estimate = self._estimate(cfg)
         est = estimate.cost_usd
         if self.spec.objective == "fid_at_budget" and self.spec.trial_budget_usd:
