@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+# The real local Slurm fixture (`slurm_cluster`), for tests marked `slurm`.
+pytest_plugins = ["tests.slurm_cluster"]
+
 # ------------------------------------------------------------------------------------------
 # Data preparation and loading (tests/test_prepare.py, tests/test_loader.py). All offline:
 # the tiny models are built from configs and saved locally, then loaded back through the same

@@ -1,7 +1,6 @@
 """A real single-node Slurm for the tests: scripts/slurm/start-slurm.sh, started once per process.
 
-    from tests.slurm_cluster import slurm_cluster  # noqa: F401  (the fixture)
-
+    # tests/conftest.py registers this module as a plugin, so the fixture is everywhere:
     @pytest.mark.slurm
     def test_something(slurm_cluster): ...  # slurm_cluster = {"SLURM_CONF": ...}
 

@@ -36,7 +36,9 @@ def tiny_cfg(data_dir, *extra):
     )
 
 
-def wait_for(run_dir, states=("completed", "failed", "cut", "cancelled", "interrupted"), timeout=240):
+def wait_for(
+    run_dir, states=("completed", "failed", "cut", "cancelled", "interrupted"), timeout=240
+):
     deadline = time.time() + timeout
     while time.time() < deadline:
         st = run_status(run_dir)
@@ -80,9 +82,11 @@ def test_local_preemption_requeues_and_resumes_bit_identical(train_data_dir, wor
     run_dir = Path(record.run_dir)
     deadline = time.time() + 120
     while time.time() < deadline:  # wait until it is mid-phase
-        rows = (run_dir / "metrics.jsonl").read_text().splitlines() if (
-            run_dir / "metrics.jsonl"
-        ).is_file() else []
+        rows = (
+            (run_dir / "metrics.jsonl").read_text().splitlines()
+            if (run_dir / "metrics.jsonl").is_file()
+            else []
+        )
         if len(rows) >= 4:
             break
         time.sleep(0.05)

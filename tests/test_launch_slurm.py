@@ -15,9 +15,9 @@ from budget_lab.launch import Placement, cancel_run, launch_run, launch_runs, ru
 from budget_lab.launch.cluster import load_cluster
 from budget_lab.train import CheckpointStore
 from budget_lab.workspace import Workspace
-from tests.slurm_cluster import slurm_cluster, wait_until  # noqa: F401
+from tests.slurm_cluster import wait_until
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 ONE_GPU = Placement(gpus_per_node=1)  # one (fake) GPU: one task, priced; training runs on the CPU
 
 
@@ -51,8 +51,10 @@ def workspace(tmp_path):
     return Workspace(tmp_path / "ws").ensure()
 
 
-def test_slurm_launch_completes(slurm_cluster, train_data_dir, workspace):
-    record = launch_run(tiny_cfg(train_data_dir), load_cluster("slurm-local"), workspace, "s1", ONE_GPU)
+def test_slurm_launch_completes(train_data_dir, workspace):
+    record = launch_run(
+        tiny_cfg(train_data_dir), load_cluster("slurm-local"), workspace, "s1", ONE_GPU
+    )
     st = wait_final(record.run_dir)
     assert st.state == "completed", st.error
     assert st.cluster == "slurm-local" and st.job_ids == record.job_ids
@@ -60,17 +62,21 @@ def test_slurm_launch_completes(slurm_cluster, train_data_dir, workspace):
     assert st.segments[0]["job_id"] == record.job_ids[0]
 
 
-def test_real_preemption_requeues_and_resumes_bit_identical(slurm_cluster, train_data_dir, workspace):
+def test_real_preemption_requeues_and_resumes_bit_identical(train_data_dir, workspace):
     cfg = tiny_cfg(train_data_dir, "phases.0.steps=300", "checkpoint.every=1000")
     spot = load_cluster("slurm-local", ["slurm.partition=spot"])
     # The reference runs uninterrupted on the same node, in the same kind of job (same threads);
     # it holds no GPU so that the high-priority job below needs exactly the spot job's.
-    ref = launch_run(cfg, load_cluster("slurm-local"), workspace, "reference", Placement(gpus_per_node=0))
+    ref = launch_run(
+        cfg, load_cluster("slurm-local"), workspace, "reference", Placement(gpus_per_node=0)
+    )
     record = launch_run(cfg, spot, workspace, "preempted", ONE_GPU)
     run_dir = Path(record.run_dir)
     wait_until(
-        lambda: (run_dir / "metrics.jsonl").is_file()
-        and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 5,
+        lambda: (
+            (run_dir / "metrics.jsonl").is_file()
+            and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 5
+        ),
         240,
         "the spot job to be mid-phase",
         interval_s=0.1,
@@ -94,7 +100,7 @@ def test_real_preemption_requeues_and_resumes_bit_identical(slurm_cluster, train
     assert hog
 
 
-def test_job_array_failure_and_cancel(slurm_cluster, train_data_dir, workspace, tmp_path):
+def test_job_array_failure_and_cancel(train_data_dir, workspace, tmp_path):
     cluster = load_cluster("slurm-local")
     runs = [(f"arr-{i}", tiny_cfg(train_data_dir, f"seed={i}")) for i in range(2)]
     runs.append(("broken", tiny_cfg(train_data_dir, f"data.path={tmp_path / 'nowhere'}")))

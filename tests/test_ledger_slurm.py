@@ -14,7 +14,7 @@ from budget_lab.launch.cluster import load_cluster
 from budget_lab.ledger.store import Ledger
 from budget_lab.ledger.sync import sync_run
 from budget_lab.workspace import Workspace
-from tests.slurm_cluster import sacct_runs, slurm_cluster, wait_until  # noqa: F401
+from tests.slurm_cluster import sacct_runs, wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

@@ -13,11 +13,7 @@ import pytest
 import submitit
 
 from budget_lab.launch.cluster import load_cluster
-from tests.slurm_cluster import (
-    sacct_runs,
-    slurm_cluster,  # noqa: F401  (the fixture, used below)
-    wait_until,
-)
+from tests.slurm_cluster import sacct_runs, wait_until
 
 pytestmark = [
     pytest.mark.slurm,

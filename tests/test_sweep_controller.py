@@ -19,7 +19,6 @@ from budget_lab.launch.cluster import load_cluster
 from budget_lab.sweep import load_sweep, objective_values
 from budget_lab.sweep.controller import SweepController, default_storage
 from budget_lab.workspace import Workspace
-from tests.slurm_cluster import slurm_cluster  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -39,8 +38,14 @@ def write_sweep(folder: Path, data_dir: Path, **fields) -> Path:
             "log_every=1",
         ],
         "params": [
-            {"name": "mask_ratio", "target": "mask_ratio", "type": "float", "low": 0.0,
-             "high": 0.75, "grid": [0.0, 0.75]},
+            {
+                "name": "mask_ratio",
+                "target": "mask_ratio",
+                "type": "float",
+                "low": 0.0,
+                "high": 0.75,
+                "grid": [0.0, 0.75],
+            },
         ],
         "objective": "pareto",
         "sampler": "grid",
@@ -101,11 +106,27 @@ def test_killed_controller_resumes_without_duplicates(train_data_dir, tmp_path):
     path = write_sweep(
         tmp_path,
         train_data_dir,
-        params=[{"name": "mask_ratio", "target": "mask_ratio", "type": "float", "low": 0.0,
-                 "high": 0.75, "grid": [0.0, 0.5, 0.75]}],
+        params=[
+            {
+                "name": "mask_ratio",
+                "target": "mask_ratio",
+                "type": "float",
+                "low": 0.0,
+                "high": 0.75,
+                "grid": [0.0, 0.5, 0.75],
+            }
+        ],
     )
-    cmd = [sys.executable, "-m", "budget_lab", "sweep", str(path), "--workspace", str(ws_root),
-           "--no-report"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "budget_lab",
+        "sweep",
+        str(path),
+        "--workspace",
+        str(ws_root),
+        "--no-report",
+    ]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     first_run = ws_root / "runs" / "tiny-000" / "launch.json"
@@ -124,17 +145,23 @@ def test_killed_controller_resumes_without_duplicates(train_data_dir, tmp_path):
     assert sorted(t.params["mask_ratio"] for t in trials) == [0.0, 0.5, 0.75]
     runs = sorted(p.name for p in (ws_root / "runs").iterdir())
     assert runs == ["tiny-000", "tiny-001", "tiny-002"]
-    launches = {yaml.safe_load((ws_root / "runs" / r / "launch.json").read_text())["launch_id"]
-                for r in runs}
+    launches = {
+        yaml.safe_load((ws_root / "runs" / r / "launch.json").read_text())["launch_id"]
+        for r in runs
+    }
     assert len(launches) == 3  # every trial launched exactly once
     for r in runs:  # and trained exactly once (one segment each)
-        starts = [line for line in (ws_root / "runs" / r / "segments.jsonl").read_text().splitlines()
-                  if '"start"' in line]
+        starts = [
+            line
+            for line in (ws_root / "runs" / r / "segments.jsonl").read_text().splitlines()
+            if '"start"' in line
+        ]
         assert len(starts) == 1
 
 
 @pytest.mark.slurm
-def test_slurm_sweep_two_slots_one_failed_one_pruned(slurm_cluster, train_data_dir, tmp_path):
+@pytest.mark.usefixtures("slurm_cluster")
+def test_slurm_sweep_two_slots_one_failed_one_pruned(train_data_dir, tmp_path):
     ws = Workspace(tmp_path / "ws")
     missing = tmp_path / "no-such-data"
     path = write_sweep(
@@ -151,11 +178,19 @@ def test_slurm_sweep_two_slots_one_failed_one_pruned(slurm_cluster, train_data_d
             "log_every=5",
         ],
         params=[
-            {"name": "data", "target": "data.path", "type": "categorical",
-             "choices": [str(train_data_dir), str(missing)]},
+            {
+                "name": "data",
+                "target": "data.path",
+                "type": "categorical",
+                "choices": [str(train_data_dir), str(missing)],
+            },
             # An EMA that barely moves keeps the samples at the untrained model's: a lagging trial.
-            {"name": "ema", "target": "optim.ema_decay", "type": "categorical",
-             "choices": [0.5, 0.9999]},
+            {
+                "name": "ema",
+                "target": "optim.ema_decay",
+                "type": "categorical",
+                "choices": [0.5, 0.9999],
+            },
         ],
         sampler="random",
         objective="fid_per_dollar",

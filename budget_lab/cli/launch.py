@@ -34,7 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=_LAUNCH_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--cluster", required=True, help="cluster name (budget-lab clusters list) or YAML path")
+    p.add_argument(
+        "--cluster", required=True, help="cluster name (budget-lab clusters list) or YAML path"
+    )
     p.add_argument("--recipe", default="nano", help="recipe name from recipes/ or a YAML path")
     p.add_argument("--name", default=None, help="run name (default: the recipe's name)")
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
@@ -49,8 +51,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="override a cluster field, e.g. --set slurm.partition=spot (repeatable)",
     )
-    p.add_argument("--budget-usd", type=float, default=None, help="refuse if the estimate exceeds it")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and estimate; submit nothing")
+    p.add_argument(
+        "--budget-usd", type=float, default=None, help="refuse if the estimate exceeds it"
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the plan and estimate; submit nothing"
+    )
     p.add_argument("--wait", action="store_true", help="follow the run until it ends")
     add_workspace_argument(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run config overrides")
@@ -88,8 +94,12 @@ def _run_dir(workspace, run: str) -> Path:
     from budget_lab.launch.status import list_runs
 
     known = [p.name for p in list_runs(workspace.runs_dir)]
-    hint = f"runs in {workspace.runs_dir}: {', '.join(known[:20])}" if known else (
-        f"there are no runs in {workspace.runs_dir} yet (launch one with `budget-lab launch`)"
+    hint = (
+        f"runs in {workspace.runs_dir}: {', '.join(known[:20])}"
+        if known
+        else (
+            f"there are no runs in {workspace.runs_dir} yet (launch one with `budget-lab launch`)"
+        )
     )
     raise UserError(f"no run {run!r}; {hint}")
 
@@ -181,7 +191,10 @@ def _status(args: argparse.Namespace) -> int:
         return 0
     st = run_status(_run_dir(workspace, args.run))
     print(f"run        {st.run}  ({st.run_dir})")
-    print(f"state      {st.state}" + (f"  [scheduler: {st.scheduler_state}]" if st.scheduler_state else ""))
+    print(
+        f"state      {st.state}"
+        + (f"  [scheduler: {st.scheduler_state}]" if st.scheduler_state else "")
+    )
     if st.cluster:
         print(f"cluster    {st.cluster} ({st.executor}), job {', '.join(st.job_ids)}")
     if st.step is not None:

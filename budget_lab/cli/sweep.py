@@ -32,12 +32,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("sweep", help="sweep name from sweeps/ (mask_ratio, experts, ...) or a YAML path")
+    p.add_argument(
+        "sweep", help="sweep name from sweeps/ (mask_ratio, experts, ...) or a YAML path"
+    )
     p.add_argument("--cluster", default=None, help="cluster name or YAML (default: the sweep's)")
-    p.add_argument("--budget-usd", type=float, default=None, help="total $ cap (default: the sweep's)")
-    p.add_argument("--trials", type=int, default=None, help="number of trials (default: the sweep's)")
+    p.add_argument(
+        "--budget-usd", type=float, default=None, help="total $ cap (default: the sweep's)"
+    )
+    p.add_argument(
+        "--trials", type=int, default=None, help="number of trials (default: the sweep's)"
+    )
     p.add_argument("--slots", type=int, default=None, help="parallel jobs (default: the sweep's)")
-    p.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite in the workspace)")
+    p.add_argument(
+        "--storage", default=None, help="Optuna storage URL (default: SQLite in the workspace)"
+    )
     p.add_argument("--no-report", action="store_true", help="skip the HTML report at the end")
     p.add_argument(
         "--wandb-project",
@@ -46,7 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-wandb", action="store_true", help="no W&B summary run")
     add_workspace_argument(p)
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run config overrides for every trial")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="run config overrides for every trial"
+    )
     p.set_defaults(func=_sweep)
 
 
@@ -88,7 +98,11 @@ def _sweep(args: argparse.Namespace) -> int:
     print(
         f"sweep {spec.name}: objective {spec.objective}, {args.trials or spec.n_trials} trials, "
         f"{spec.slots} slot(s) on {cluster.name}, budget "
-        + (f"${(args.budget_usd or spec.budget_usd):.4f}" if (args.budget_usd or spec.budget_usd) else "none")
+        + (
+            f"${(args.budget_usd or spec.budget_usd):.4f}"
+            if (args.budget_usd or spec.budget_usd)
+            else "none"
+        )
     )
     controller = SweepController(
         spec,
@@ -178,12 +192,15 @@ def _print_summary(summary, seconds: float) -> None:
         )
     console.print(table)
     print(f"stopped: {summary.stop_reason}")
-    print(f"spent:   ${summary.spent_usd:.4f}" + (
-        f" of ${summary.budget_usd:.4f}" if summary.budget_usd else ""
-    ))
+    print(
+        f"spent:   ${summary.spent_usd:.4f}"
+        + (f" of ${summary.budget_usd:.4f}" if summary.budget_usd else "")
+    )
     if summary.best:
         b = summary.best
-        print(f"best:    trial {b['number']} FID {b['fid']:.1f} at ${b['cost_usd']:.4f}: {json.dumps(b['params'])}")
+        print(
+            f"best:    trial {b['number']} FID {b['fid']:.1f} at ${b['cost_usd']:.4f}: {json.dumps(b['params'])}"
+        )
     print(f"pareto front (FID vs $): trials {summary.pareto}")
     print(f"study:   {summary.study_storage}")
     if summary.report_path:

@@ -1,10 +1,10 @@
 """Launching runs to clusters through submitit, and following them.
 
-    cluster.py   clusters/*.yaml: executor, partition, GPUs, capacity, prices (validated)
-    job.py       TrainJob: the trainer as a submitit Checkpointable (preemption → checkpoint →
-                 requeue → exact resume), segments.jsonl, dollar rungs for sweep trials
-    submit.py    launch_run / launch_runs: a fresh submitit folder per launch, launch.json
-    status.py    run_status / cancel_run / log_paths: what runs where, in which phase and segment
+cluster.py   clusters/*.yaml: executor, partition, GPUs, capacity, prices (validated)
+job.py       TrainJob: the trainer as a submitit Checkpointable (preemption → checkpoint →
+             requeue → exact resume), segments.jsonl, dollar rungs for sweep trials
+submit.py    launch_run / launch_runs: a fresh submitit folder per launch, launch.json
+status.py    run_status / cancel_run / log_paths: what runs where, in which phase and segment
 """
 
 from budget_lab.launch.job import EvalPlan, TrainJob

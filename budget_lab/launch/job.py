@@ -146,7 +146,9 @@ class TrainJob(submitit.helpers.Checkpointable):
             )
         self._attempt = attempt
         cfg = run_config_from_dict(self.config)
-        self._rungs_done = {(r["kind"], r.get("rung_usd")) for r in read_jsonl(run_dir / "rungs.jsonl")}
+        self._rungs_done = {
+            (r["kind"], r.get("rung_usd")) for r in read_jsonl(run_dir / "rungs.jsonl")
+        }
         trainer = Trainer(
             cfg,
             run_dir,

@@ -182,7 +182,7 @@ def launch_runs(
     trials = trials or [None] * len(runs)
     eval_plans = eval_plans or [None] * len(runs)
     jobs_in, run_dirs = [], []
-    for (name, cfg), plan in zip(runs, eval_plans):
+    for (name, cfg), plan in zip(runs, eval_plans, strict=True):
         run_dir = Path(workspace.runs_dir) / name
         if (run_dir / LAUNCH_FILE).is_file():
             old = read_launch(run_dir)
@@ -213,7 +213,7 @@ def launch_runs(
             f"(`budget-lab clusters show {cluster.name}`) and that the scheduler is reachable"
         ) from err
     records = []
-    for (name, _), run_dir, job, trial in zip(runs, run_dirs, jobs, trials):
+    for (name, _), run_dir, job, trial in zip(runs, run_dirs, jobs, trials, strict=True):
         record = LaunchRecord(
             run=name,
             run_dir=str(run_dir.resolve()),

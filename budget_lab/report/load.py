@@ -79,7 +79,9 @@ def load_report_data(workspace, sweep: str | None = None, storage: str | None = 
             trials.append(
                 TrialRow(
                     number=t.number,
-                    state=t.state.name if t.state.name in ("COMPLETE", "PRUNED", "FAIL") else "RUNNING",
+                    state=t.state.name
+                    if t.state.name in ("COMPLETE", "PRUNED", "FAIL")
+                    else "RUNNING",
                     params=dict(t.params),
                     fid=t.user_attrs.get("fid"),
                     cost_usd=sum(s.cost_usd for s in segs) or t.user_attrs.get("cost_usd", 0.0),

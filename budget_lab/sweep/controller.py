@@ -216,7 +216,9 @@ class SweepController:
                 pass  # accounting lags (sacct rows appear a little after the job): next poll
         return self.ledger.spent(sweep=self.spec.name)  # useful + wasted
 
-    def _launch(self, study: optuna.Study, trial: optuna.trial.Trial | optuna.trial.FrozenTrial, params) -> bool:
+    def _launch(
+        self, study: optuna.Study, trial: optuna.trial.Trial | optuna.trial.FrozenTrial, params
+    ) -> bool:
         """Estimate and launch one trial; False (and the trial told FAIL) when it does not fit."""
         from budget_lab.launch import launch_run
 
@@ -314,7 +316,9 @@ class SweepController:
             if not info["pruned"] and should_prune(trial):
                 from budget_lab.train.trainer import request_stop_file
 
-                request_stop_file(run_dir, f"pruned at ${row['cost_usd']:.4f} (FID {row['fid']:.1f})")
+                request_stop_file(
+                    run_dir, f"pruned at ${row['cost_usd']:.4f} (FID {row['fid']:.1f})"
+                )
                 info["pruned"] = True
                 self._say(
                     f"trial {number}: pruned at ${row['cost_usd']:.4f} ({row['kind']}, "
