@@ -27,6 +27,8 @@ detection (end row → the controller tells Optuna), refill (tell → the next l
     python bench/sweep_overhead.py                                 # local, 10 trials, 2 slots
     python bench/sweep_overhead.py --cluster slurm-local --trials 6
     python bench/sweep_overhead.py --out bench/results/sweep_overhead.md
+    python bench/sweep_overhead.py --cluster slurm-local --out bench/results/sweep_overhead.md \
+        --append                                                   # a second section
 """
 
 from __future__ import annotations
@@ -532,6 +534,15 @@ def report(args, probe, trials, summary, run_cpu, machine, command, started, clu
     per_pass_cpu = poll_cpu / max(passes, 1)
     poll_cpu_per_trial = poll_cpu / max(n, 1)
     lost = sum(mean(xs) for xs in (startup, detect, refill) if xs)  # no refill: 2 trials
+    if cluster.executor == "slurm":
+        startup_why = "scheduling, srun and one Python"
+        detect_why = (
+            f", plus the final `sync_run` waiting for sacct's end record: "
+            f"{percentile(sync.wall, 50):.2f} s median, the loop blocked meanwhile"
+        )
+    else:
+        startup_why = "two Pythons: submitit's job controller, then the task"
+        detect_why = ""
     cpu_med = percentile(own.cpu, 50)
     lines = [
         f"### Sweep controller overhead and slot utilisation ({started:%Y-%m-%d})",
@@ -616,10 +627,10 @@ def report(args, probe, trials, summary, run_cpu, machine, command, started, clu
         "trial over this sweep.",
         f"- Slot utilisation ≥ 95%: **{util:.1%}, {'met' if util >= 0.95 else 'NOT met'}**. "
         f"A trial's job ran {mean(job_s):.1f} s on average and its slot lost {lost:.1f} s around "
-        f"it: job start-up {mean(startup):.1f} s (Python, twice for the local executor, then "
-        f"torch before the start row), detection {mean(detect):.2f} s (up to one `poll_s` "
-        "plus the loop pass, longer when a launch in the same pass is slow: passes are "
-        f"sequential), refill {mean(refill):.2f} s (ask → compose → estimate → launch). With "
+        f"it: job start-up {mean(startup):.1f} s ({startup_why}, then torch imported before "
+        f"the start row), detection {mean(detect):.2f} s (up to one `poll_s` plus the loop "
+        f"pass{detect_why}; passes are sequential, so a slow launch in the same pass delays it "
+        f"too), refill {mean(refill):.2f} s (ask → compose → estimate → launch). With "
         f"these losses, 95% needs jobs of at least {19 * lost:.0f} s (J / (J + "
         f"{lost:.1f} s) ≥ 0.95).",
         "",
