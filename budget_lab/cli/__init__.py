@@ -19,8 +19,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from budget_lab.errors import UserError
 
-# Command groups, in the order of the data flow: cli → config → data → train → eval → launch →
-# ledger → sweep → report. Each module exposes `register(subparsers)`.
+# Command groups, in the order of the data flow: config → data → train → eval → launch → ledger
+# → sweep → report. Each module exposes `register(subparsers)`.
 _COMMAND_MODULES = [
     "budget_lab.cli.model",
     "budget_lab.cli.data",
@@ -33,16 +33,25 @@ _COMMAND_MODULES = [
 ]
 
 _EPILOG = """\
-The offline pipeline, end to end (scripts/demo.sh runs it):
+The main job (scripts/demo.sh): a sweep of mask ratios on this machine, judged on FID and $
+  budget-lab sweep mask_ratio                              Pareto front of FID vs $, report
+
+Launch, follow, pay:
+  budget-lab clusters list                                 where runs can go, at what price
+  budget-lab launch --cluster slurm-local --recipe nano    a preemption-safe submitit job
+  budget-lab launch --cluster aws-p5 --recipe microdit-xl --dry-run   plan + cost estimate
+  budget-lab status / logs RUN / cancel RUN                what runs where
+  budget-lab cost report --by phase                        useful and wasted $, GPU-hours
+  budget-lab report --sweep mask_ratio --out report/       HTML + PNG, offline
+
+The offline pipeline, step by step:
   budget-lab data synth --out data/synth                   built-in captioned shapes
   budget-lab data prepare --images data/synth --out data/synth-latents --vae pixel --text-encoder minilm
   budget-lab train --recipe nano                           masked pretrain -> unmasked finetune
   budget-lab eval runs/nano                                real Inception FID + sample grid
-
-Inspect a model:
   budget-lab model info MicroDiT-XL/2 --mask-ratio 0.75    parameters, FLOPs per image, layers
 
-Each command has its own --help with examples, e.g. `budget-lab train --help`.
+Each command has its own --help with examples, e.g. `budget-lab sweep --help`.
 """
 
 
@@ -59,13 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:  # a command group still being written (development)
-            if err.name != name:
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 

@@ -99,6 +99,7 @@ class SweepController:
         self.placement = placement  # nodes × GPUs per trial (default: one whole node)
         self.progress = progress
         self.ledger = Ledger.for_workspace(workspace)
+        self._base_cfg = None
         self._base_estimate_usd: float | None = None  # rung_fractions scale: the base trial's $
         self.active: dict[int, dict[str, Any]] = {}  # trial number → {"trial", "run_dir", ...}
         self.stop_reason: str | None = None
@@ -131,7 +132,13 @@ class SweepController:
         from budget_lab.config import compose_run
         from budget_lab.sweep import trial_overrides
 
-        overrides = trial_overrides(self.spec, params) + self.overrides + list(extra)
+        if self._base_cfg is None:  # composed once per controller, not once per trial
+            from budget_lab.sweep import base_config
+
+            self._base_cfg = base_config(self.spec)
+        overrides = (
+            trial_overrides(self.spec, params, self._base_cfg) + self.overrides + list(extra)
+        )
         cfg = compose_run(self.spec.recipe, overrides)
         cfg.data.path = str(Path(cfg.data.path).resolve())
         return cfg
@@ -327,12 +334,14 @@ class SweepController:
         st = run_status(run_dir)
         if st.state not in FINAL_STATES:
             return False
-        try:
-            segments = sync_run(self.ledger, run_dir, self.cluster)
+        try:  # no waiting on sacct here: a lagging row is picked up at the next pass
+            segments = sync_run(self.ledger, run_dir, self.cluster, sacct_wait_s=0)
         except UserError:
             segments = None
-        if self.cluster.executor == "slurm" and not segments:
-            return False  # accounting rows not there yet: tell once they are
+        if self.cluster.executor == "slurm" and (
+            not segments or any(seg.state == "RUNNING" for seg in segments)
+        ):
+            return False  # accounting rows not complete yet: tell once they are
         cost = self.ledger.spent(run=run_dir.name)  # useful + wasted
         storage.set_trial_user_attr(trial_id, "cost_usd", cost)
         storage.set_trial_user_attr(trial_id, "status", st.state)
@@ -465,9 +474,10 @@ class SweepController:
             os.environ["OMP_NUM_THREADS"] = str(per_job)
         cut_for_budget = False
         while True:
+            trials = study.get_trials(deepcopy=False)
             started = sum(  # enqueued (WAITING) trials have not started
                 1
-                for t in study.get_trials(deepcopy=False)
+                for t in trials
                 if t.state != TrialState.WAITING and not t.user_attrs.get("not_started")
             )
             # Fill free slots.
