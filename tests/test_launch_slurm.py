@@ -3,6 +3,7 @@ requeue and exact resume, job arrays, failures and cancellation."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -121,3 +122,35 @@ def test_job_array_failure_and_cancel(train_data_dir, workspace, tmp_path):
         ["squeue", "-h", "-j", long.job_ids[0]], capture_output=True, text=True
     ).stdout.strip()
     wait_until(lambda: not squeue(), 60, "the cancelled job to leave the queue")
+
+
+def test_phases_as_dependent_jobs(train_data_dir, workspace):
+    record = launch_run(
+        tiny_cfg(train_data_dir),
+        load_cluster("slurm-local"),
+        workspace,
+        "phased",
+        Placement(gpus_per_node=0),
+        phase_jobs=True,
+    )
+    assert len(record.job_ids) == 2  # masked pretraining, then the finetune after it
+    st = wait_final(record.run_dir)
+    assert st.state == "completed", st.error
+    wait_until(
+        lambda: [s["status"] for s in run_status(record.run_dir).segments]
+        == ["phase-completed", "completed"],
+        30,
+        "both jobs' end rows",
+    )
+    segs = run_status(record.run_dir).segments
+    assert [s["job_id"] for s in segs] == record.job_ids
+    assert segs[1]["start"] >= segs[0]["end"]  # the finetune job waited for the first one
+    result = json.loads((Path(record.run_dir) / "result.json").read_text())
+    assert result["global_step"] == 10
+
+
+def test_phase_jobs_need_slurm(train_data_dir, workspace):
+    from budget_lab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="need a Slurm cluster"):
+        launch_run(tiny_cfg(train_data_dir), load_cluster("local"), workspace, "x", phase_jobs=True)

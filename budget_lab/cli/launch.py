@@ -58,6 +58,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--dry-run", action="store_true", help="print the plan and estimate; submit nothing"
     )
     p.add_argument("--wait", action="store_true", help="follow the run until it ends")
+    p.add_argument(
+        "--phase-jobs",
+        action="store_true",
+        help="Slurm: one job per phase, each after the previous ended well (default: one job)",
+    )
     add_workspace_argument(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run config overrides")
     p.set_defaults(func=_launch)
@@ -137,7 +142,9 @@ def _launch(args: argparse.Namespace) -> int:
         return 0
 
     workspace.ensure()
-    record = launch_run(cfg, cluster, workspace, name, Placement(nodes, gpus))
+    record = launch_run(
+        cfg, cluster, workspace, name, Placement(nodes, gpus), phase_jobs=args.phase_jobs
+    )
     print(f"submitted job {', '.join(record.job_ids)} (launch {record.launch_id})")
     print(f"  follow: budget-lab status {name}   logs: budget-lab logs {name}")
     if not args.wait:

@@ -83,6 +83,11 @@ def segment_rows(run_dir: Path) -> list[dict[str, Any]]:
 class TrainJob(submitit.helpers.Checkpointable):
     """Train (and, for sweep trials, evaluate) one run folder; resumable after preemption."""
 
+    # Defaults for fields added later: a job pickled by an older budget-lab still unpickles.
+    eval_plan: EvalPlan | None = None
+    max_requeues: int = 10
+    stop_after_phase: int | None = None
+
     def __init__(
         self,
         run_dir: str,
@@ -91,6 +96,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         devices: int,
         eval_plan: EvalPlan | None = None,
         max_requeues: int = 10,
+        stop_after_phase: int | None = None,
     ):
         self.run_dir = str(run_dir)
         self.config = config  # the resolved RunConfig as a dict (what config.yaml holds)
@@ -98,6 +104,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.devices = devices  # GPUs over all nodes (1 for a CPU-only machine)
         self.eval_plan = eval_plan
         self.max_requeues = max_requeues
+        self.stop_after_phase = stop_after_phase  # phases as dependent jobs: this job's last phase
         self._trainer = None
         self._thread: threading.Thread | None = None
 
@@ -156,6 +163,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             progress=False,
             cost_fn=self.spent_usd,
             step_callback=self._after_step if (self.eval_plan and rank0) else None,
+            stop_after_phase=self.stop_after_phase,
         )
         self._trainer = trainer
         outcome: dict[str, Any] = {}
@@ -200,6 +208,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             self.devices,
             self.eval_plan,
             self.max_requeues,
+            self.stop_after_phase,
         )
         return submitit.helpers.DelayedSubmission(fresh)
 

@@ -77,6 +77,13 @@ class RunStatus:
 
 
 def _job_id(record: LaunchRecord) -> str:
+    """The job that speaks for the run: with phases as dependent jobs, the first one that has
+    not completed (the running phase, or the one that failed); else the only one."""
+    if len(record.job_ids) == 1:
+        return record.job_ids[0]
+    for job_id in record.job_ids:
+        if _slurm_state_of(job_id) != "COMPLETED":
+            return job_id
     return record.job_ids[-1]
 
 
@@ -96,8 +103,11 @@ def tail(path: Path, lines: int = 20) -> str:
 
 
 def _slurm_state(record: LaunchRecord) -> str | None:
-    """Slurm's state of the job (squeue while it is known there, else sacct)."""
-    job_id = _job_id(record)
+    """Slurm's state of the run's current job (squeue while it is known there, else sacct)."""
+    return _slurm_state_of(_job_id(record))
+
+
+def _slurm_state_of(job_id: str) -> str | None:
     try:
         out = subprocess.run(
             ["squeue", "-h", "-j", job_id, "-o", "%T"],
@@ -191,7 +201,9 @@ def run_status(run_dir: str | os.PathLike[str], scheduler: bool = True) -> RunSt
         status.scheduler_state = sched
         if sched is not None:
             state = _SLURM.get(sched, "unknown")
-            if state == "completed" and written != "completed":
+            if state == "completed" and written == "phase-completed":
+                state = "queued"  # the next phase's job is about to start (afterok)
+            elif state == "completed" and written != "completed":
                 # The job ended well but the trainer did not finish: it was stopped (interrupted)
                 # or submitit gave up requeueing.
                 state = "interrupted" if written == "interrupted" else "failed"

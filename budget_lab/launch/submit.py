@@ -126,7 +126,7 @@ def make_executor(cluster, folder: Path, nodes: int, gpus_per_node: int, name: s
     return executor
 
 
-def _job_for(cfg_dict, run_dir, cluster, nodes, gpus, eval_plan):
+def _job_for(cfg_dict, run_dir, cluster, nodes, gpus, eval_plan, stop_after_phase=None):
     from budget_lab.launch.job import TrainJob
 
     devices = nodes * max(gpus, 1)
@@ -137,7 +137,28 @@ def _job_for(cfg_dict, run_dir, cluster, nodes, gpus, eval_plan):
         devices=devices,
         eval_plan=eval_plan,
         max_requeues=cluster.max_requeues,
+        stop_after_phase=stop_after_phase,
     )
+
+
+def _submit_phase_jobs(executor, cluster, cfg_dict, run_dir, nodes, gpus, eval_plan) -> list:
+    """One job per phase, each starting once the previous one ended well (Slurm afterok); a
+    failed phase cancels the jobs after it (kill-on-invalid-dep)."""
+    n = len(cfg_dict["phases"])
+    extra = dict(cluster.slurm.additional) if cluster.slurm else {}
+    jobs: list = []
+    for i in range(n):
+        job = _job_for(cfg_dict, run_dir, cluster, nodes, gpus, eval_plan, i if i < n - 1 else None)
+        if jobs:
+            executor.update_parameters(
+                slurm_additional_parameters={
+                    **extra,
+                    "dependency": f"afterok:{jobs[-1].job_id}",
+                    "kill_on_invalid_dep": "yes",
+                }
+            )
+        jobs.append(executor.submit(job))
+    return jobs
 
 
 def _prepare_run_folder(cfg, run_dir: Path) -> dict[str, Any]:
@@ -172,8 +193,16 @@ def launch_runs(
     sweep: str | None = None,
     trials: list[int | None] | None = None,
     eval_plans: list[Any] | None = None,
+    phase_jobs: bool = False,
 ) -> list[LaunchRecord]:
-    """Submit several runs `[(name, RunConfig), ...]` as one submitit job array (one launch)."""
+    """Submit several runs `[(name, RunConfig), ...]` as one submitit job array (one launch).
+    `phase_jobs` (one run, Slurm): each phase as its own job, dependent on the one before."""
+    if phase_jobs and (cluster.executor != "slurm" or len(runs) != 1):
+        raise ConfigError(
+            "phases as dependent jobs need a Slurm cluster and a single run (cluster "
+            f"{cluster.name!r} has executor {cluster.executor!r}); on this machine the phases "
+            "run one after the other in one job: drop --phase-jobs"
+        )
     placement = placement or Placement()
     nodes, gpus = placement.resolve(cluster)
     launch_id = new_launch_id()
@@ -203,7 +232,14 @@ def launch_runs(
     import submitit
 
     try:
-        if len(jobs_in) == 1:
+        if phase_jobs:
+            job = jobs_in[0]
+            jobs = [
+                _submit_phase_jobs(
+                    executor, cluster, job.config, run_dirs[0], nodes, gpus, job.eval_plan
+                )
+            ]
+        elif len(jobs_in) == 1:
             jobs = [executor.submit(jobs_in[0])]
         else:
             jobs = executor.submit_array(jobs_in)
@@ -221,7 +257,7 @@ def launch_runs(
             executor=cluster.executor,
             launch_id=launch_id,
             submitit_folder=str(folder.resolve()),
-            job_ids=[str(job.job_id)],
+            job_ids=[str(j.job_id) for j in (job if isinstance(job, list) else [job])],
             nodes=nodes,
             gpus_per_node=gpus,
             tasks_per_node=max(gpus, 1),
@@ -244,8 +280,10 @@ def launch_run(
     sweep: str | None = None,
     trial: int | None = None,
     eval_plan: Any = None,
+    phase_jobs: bool = False,
 ) -> LaunchRecord:
-    """Submit one run; returns its launch record (also in `<run_dir>/launch.json`)."""
+    """Submit one run; returns its launch record (also in `<run_dir>/launch.json`).
+    `phase_jobs`: each phase its own job (Slurm dependencies), else all phases in one job."""
     return launch_runs(
         [(name, cfg)],
         cluster,
@@ -254,6 +292,7 @@ def launch_run(
         sweep=sweep,
         trials=[trial],
         eval_plans=[eval_plan],
+        phase_jobs=phase_jobs,
     )[0]
 
 

@@ -80,6 +80,7 @@ class Trainer:
         stop_at_step: int | None = None,
         cost_fn: Callable[[], dict[str, float]] | None = None,
         step_callback: Callable[[dict[str, Any]], None] | None = None,
+        stop_after_phase: int | None = None,
     ):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -93,6 +94,8 @@ class Trainer:
         # "phase_done", "last_phase", "model" (EMA weights if any), "device"}: sweep jobs use it to
         # measure FID at dollar rungs. Main process only.
         self.step_callback = step_callback
+        # Phases as separate (dependent) jobs: end with status "phase-completed" after this phase.
+        self.stop_after_phase = stop_after_phase
         self.model_cfg = model_config(cfg)
         self.edm_cfg: EDMConfig = edm_config(cfg)
         self.store = CheckpointStore(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep)
@@ -215,6 +218,10 @@ class Trainer:
         status = "completed"
         cut_reason: str | None = None
         try:
+            if self.stop_after_phase is not None and state["phase"] > self.stop_after_phase:
+                return self._result(  # this phase's job ran already (e.g. a requeued duplicate)
+                    status="phase-completed", completed_phase=self.stop_after_phase, **state
+                )
             for phase_idx in range(state["phase"], len(cfg.phases)):
                 phase = cfg.phases[phase_idx]
                 if phase_idx != state["phase"]:
@@ -435,6 +442,11 @@ class Trainer:
                 if main and cfg.eval.grid_size > 0:
                     self._sample_grid(ema.module if ema is not None else net, phase, device)
                 phase_states = None
+                if self.stop_after_phase is not None and phase_idx < len(cfg.phases) - 1:
+                    if phase_idx >= self.stop_after_phase:  # the next phase is another job's
+                        return self._result(
+                            status="phase-completed", completed_phase=phase_idx, **state
+                        )
             return self._result(status=status, **state, phases=[asdict(p) for p in cfg.phases])
         except BaseException as err:
             error = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
