@@ -266,3 +266,20 @@ def test_wandb_offline_run_is_resumed_not_duplicated(train_data_dir, tmp_path, m
     ids = {p.name.rsplit("-", 1)[-1] for p in runs}
     assert len(ids) == 1  # ...of one W&B run
     assert not any("WANDB_API_KEY" in p.read_text(errors="ignore") for p in run.rglob("*.yaml"))
+
+
+def test_phase_end_request_moves_to_the_next_phase(train_data_dir, tmp_path):
+    run = tmp_path / "run"
+    trainer = Trainer(tiny_cfg(train_data_dir), run, progress=False)
+
+    def end_pretraining_early(info):
+        if info["phase_index"] == 0 and info["state"]["phase_step"] == 2:
+            trainer.request_phase_end()
+
+    trainer.step_callback = end_pretraining_early
+    result = trainer.run()
+    assert result["status"] == "completed"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    phases = [r["phase"] for r in rows]
+    assert phases.count("masked-pretrain") == 3  # ended at the step after the request
+    assert phases.count("finetune") == 4  # the last phase ran in full

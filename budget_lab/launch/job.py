@@ -38,6 +38,9 @@ class EvalPlan:
     phase_rung: bool = False  # also measure at the end of every phase but the last
     final_eval: bool = True  # FID of the finished run (eval.json)
     stop_at_usd: float | None = None  # fid_at_budget: stop training once this much is spent
+    # fid_at_budget: cumulative $ at which each phase but the last ends (it may end earlier, at
+    # its step count); the last phase runs until stop_at_usd.
+    phase_end_usd: list[float] = field(default_factory=list)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -235,6 +238,13 @@ class TrainJob(submitit.helpers.Checkpointable):
             if phase_key not in self._rungs_done:
                 self._measure("phase:" + info["phase"].name, None, info, spent)
                 self._rungs_done.update({key, phase_key})
+        idx = info["phase_index"]
+        if (
+            idx < len(plan.phase_end_usd)
+            and not info["last_phase"]
+            and spent >= plan.phase_end_usd[idx]
+        ):
+            self._trainer.request_phase_end()
         if plan.stop_at_usd is not None and spent >= plan.stop_at_usd:
             from budget_lab.train.trainer import request_stop_file
 

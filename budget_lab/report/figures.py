@@ -15,6 +15,7 @@ links them never has a broken image.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 from pathlib import Path
 
@@ -63,7 +64,13 @@ def _empty(ax, message: str) -> None:
 
 
 def _usd(x: float, _pos: object = None) -> str:
-    return f"${x:,.2f}" if abs(x) < 100 else f"${x:,.0f}"
+    """Dollars with enough digits for the scale: CPU trials cost fractions of a cent."""
+    if x == 0 or abs(x) >= 100:
+        return f"${x:,.0f}"
+    if abs(x) >= 0.1:
+        return f"${x:,.2f}"
+    digits = min(6, 1 - math.floor(math.log10(abs(x))))
+    return f"${x:.{digits}f}"
 
 
 def plot_pareto(data: ReportData, path: str | os.PathLike[str]) -> Path:

@@ -159,7 +159,21 @@ class SweepController:
             phase_rung=bool(spec.phase_rung) and pruning,
             final_eval=True,
             stop_at_usd=spec.trial_budget_usd if spec.objective == "fid_at_budget" else None,
+            phase_end_usd=self._phase_end_usd(cfg),
         )
+
+    def _phase_end_usd(self, cfg) -> list[float]:
+        """fid_at_budget with a budget_split: the cumulative $ at which each phase but the last
+        must end, so that a trial whose steps were sized on a rough throughput still spends its
+        budget in the intended shares."""
+        spec = self.spec
+        if spec.objective != "fid_at_budget" or not spec.budget_split or not spec.trial_budget_usd:
+            return []
+        ends, total = [], 0.0
+        for share in spec.budget_split[: len(cfg.phases) - 1]:
+            total += share * spec.trial_budget_usd
+            ends.append(total)
+        return ends
 
     def _gpus(self) -> int:
         """GPUs per trial: the placement's, else a whole node's."""
@@ -237,13 +251,11 @@ class SweepController:
 
             per_step = self._usd_per_step(cfg, estimate)
             sized = budget_steps(self.spec, cfg, per_step)
-            # The job stops at the budget; give the last phase room so every trial spends it all
-            # (an estimate a little off would otherwise end a trial below the budget).
-            last = len(cfg.phases) - 1
+            # The job ends each phase at its share of the budget and stops at the budget; the
+            # step counts get room (x2) so that a throughput estimate a little high never ends a
+            # trial below its budget. The schedules (warmup, cosine) follow the sized counts.
             sized = [
-                f"phases.{last}.steps={2 * int(o.split('=')[1])}"
-                if o.startswith(f"phases.{last}.steps=")
-                else o
+                f"{o.split('=')[0]}={2 * int(o.split('=')[1])}" if ".steps=" in o else o
                 for o in sized
             ]
             cfg = self._trial_config(params, sized)

@@ -100,6 +100,7 @@ class Trainer:
         self.edm_cfg: EDMConfig = edm_config(cfg)
         self.store = CheckpointStore(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep)
         self._checkpoint_requested = threading.Event()
+        self._phase_end_requested = threading.Event()
         self._stop_requested = threading.Event()
 
     # -- requests from signals or a job wrapper (submitit's checkpoint()) ----------------------------
@@ -107,6 +108,11 @@ class Trainer:
     def request_checkpoint(self) -> None:
         """Save a checkpoint at the next step boundary and go on."""
         self._checkpoint_requested.set()
+
+    def request_phase_end(self) -> None:
+        """End the current phase at the next step boundary (it counts as done; the next phase
+        starts). Sweep trials with a dollar budget per phase use it."""
+        self._phase_end_requested.set()
 
     def request_stop(self) -> None:
         """Save a checkpoint at the next step boundary and stop (status 'interrupted')."""
@@ -410,6 +416,9 @@ class Trainer:
                         # A signal reaches one rank (submitit checkpoints on rank 0 only): every
                         # rank must save and stop at the same step, so agree on the flags.
                         self._sync_requests(accelerator)
+                    if self._phase_end_requested.is_set() and phase_idx < len(cfg.phases) - 1:
+                        self._phase_end_requested.clear()
+                        state["phase_step"] = phase.steps  # ended early: the phase counts as done
                     at_interval = state["global_step"] % cfg.checkpoint.every == 0
                     phase_done = state["phase_step"] == phase.steps
                     if (
@@ -425,6 +434,7 @@ class Trainer:
                             {
                                 "state": dict(state),
                                 "phase": phase,
+                                "phase_index": phase_idx,
                                 "phase_done": phase_done,
                                 "last_phase": phase_idx == len(cfg.phases) - 1,
                                 "model": ema.module if ema is not None else net,
