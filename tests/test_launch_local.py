@@ -11,29 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from budget_lab.config import compose_run
 from budget_lab.launch import Placement, cancel_run, launch_run, launch_runs, run_status
 from budget_lab.launch.cluster import load_cluster
 from budget_lab.train import CheckpointStore, Trainer
 from budget_lab.workspace import Workspace
+from tests.helpers import tiny_run_config
 
-
-def tiny_cfg(data_dir, *extra):
-    return compose_run(
-        "nano",
-        [
-            f"data.path={data_dir}",
-            "phases.0.steps=6",
-            "phases.0.warmup_steps=2",
-            "phases.0.batch_size=8",
-            "phases.1.steps=4",
-            "phases.1.batch_size=8",
-            "checkpoint.every=3",
-            "log_every=1",
-            "eval.grid_size=0",
-            *extra,
-        ],
-    )
+tiny_cfg = tiny_run_config
 
 
 def wait_for(

@@ -11,33 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from budget_lab.config import compose_run
 from budget_lab.launch import Placement, cancel_run, launch_run, launch_runs, run_status
 from budget_lab.launch.cluster import load_cluster
 from budget_lab.train import CheckpointStore
 from budget_lab.workspace import Workspace
+from tests.helpers import tiny_run_config
 from tests.slurm_cluster import wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 ONE_GPU = Placement(gpus_per_node=1)  # one (fake) GPU: one task, priced; training runs on the CPU
 
 
-def tiny_cfg(data_dir, *extra):
-    return compose_run(
-        "nano",
-        [
-            f"data.path={data_dir}",
-            "phases.0.steps=6",
-            "phases.0.warmup_steps=2",
-            "phases.0.batch_size=8",
-            "phases.1.steps=4",
-            "phases.1.batch_size=8",
-            "checkpoint.every=3",
-            "log_every=1",
-            "eval.grid_size=0",
-            *extra,
-        ],
-    )
+tiny_cfg = tiny_run_config
 
 
 def wait_final(run_dir, timeout=300):
@@ -137,8 +122,10 @@ def test_phases_as_dependent_jobs(train_data_dir, workspace):
     st = wait_final(record.run_dir)
     assert st.state == "completed", st.error
     wait_until(
-        lambda: [s["status"] for s in run_status(record.run_dir).segments]
-        == ["phase-completed", "completed"],
+        lambda: (
+            [s["status"] for s in run_status(record.run_dir).segments]
+            == ["phase-completed", "completed"]
+        ),
         30,
         "both jobs' end rows",
     )
