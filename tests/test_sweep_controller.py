@@ -3,6 +3,7 @@ study and ledger, real FID. Trials are tiny: a few steps of the nano model, FID 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -150,6 +151,21 @@ def test_killed_controller_resumes_without_duplicates(train_data_dir, tmp_path):
         for r in runs
     }
     assert len(launches) == 3  # every trial launched exactly once
+    # The sweep's summary (summary.json and the offline W&B summary run) matches the study.
+    from budget_lab.report.data import read_report_data
+
+    summary = read_report_data(ws_root / "sweeps" / "tiny" / "summary.json")
+    assert [(t.number, t.state, t.fid) for t in summary.trials] == [
+        (t.number, t.state.name, t.user_attrs["fid"]) for t in trials
+    ]
+    (table,) = (ws_root / "sweeps" / "tiny" / "wandb").glob(
+        "offline-run-*/files/media/table/trials_*.table.json"
+    )
+    logged = json.loads(table.read_text())
+    col = {name: i for i, name in enumerate(logged["columns"])}
+    assert [(r[col["trial"]], r[col["state"]]) for r in logged["data"]] == [
+        (t.number, t.state.name) for t in trials
+    ]
     for r in runs:  # and trained exactly once (one segment each)
         starts = [
             line
