@@ -185,7 +185,7 @@ def test_slurm_sweep_two_slots_one_failed_one_pruned(train_data_dir, tmp_path):
         train_data_dir,
         name="slots",
         base_overrides=[
-            "phases.0.steps=400",
+            "phases.0.steps=500",
             "phases.0.warmup_steps=2",
             "phases.0.batch_size=8",
             "phases.1.steps=4",
@@ -211,7 +211,7 @@ def test_slurm_sweep_two_slots_one_failed_one_pruned(train_data_dir, tmp_path):
         sampler="random",
         objective="fid_per_dollar",
         pruner="dollar_rungs",
-        rungs_usd=[0.004],
+        rungs_usd=[0.006],  # ~22 s of one $1/h GPU, start-up included: before 500 steps end
         prune_percentile=50.0,
         prune_min_peers=1,
         slots=2,
@@ -236,7 +236,23 @@ def test_slurm_sweep_two_slots_one_failed_one_pruned(train_data_dir, tmp_path):
     )
     summary = controller.run()
     states = {t.number: t.state.name for t in load_study(ws, "slots").get_trials()}
-    assert states == {0: "COMPLETE", 1: "FAIL", 2: "PRUNED"}, summary
+    assert states[1] == "FAIL", summary
+    # The two good-data trials measured FID at the same dollar rung; the one judged second
+    # (its report came later) is cut exactly when it lags the first (prune_min_peers=1, median).
+    rung = {}
+    for n in (0, 2):
+        (row,) = [
+            json.loads(line)
+            for line in (ws.run_dir(f"slots-{n:03d}") / "rungs.jsonl").read_text().splitlines()
+        ]
+        rung[n] = row
+    first, second = sorted((0, 2), key=lambda n: rung[n]["time"])
+    assert states[first] == "COMPLETE"
+    lagging = rung[second]["fid"] > rung[first]["fid"]
+    assert states[second] == ("PRUNED" if lagging else "COMPLETE"), (rung, states)
+    if lagging:
+        cut = json.loads((ws.run_dir(f"slots-{second:03d}") / "result.json").read_text())
+        assert cut["status"] == "cut" and cut["cut_reason"].startswith("pruned at $")
     failed = load_study(ws, "slots").trials[1]
     assert "no prepared data" in failed.user_attrs["error"]
     assert failed.user_attrs["cost_usd"] >= 0  # its cost is recorded
