@@ -484,7 +484,6 @@ class SweepController:
             # Share this machine's cores between the parallel local jobs.
             per_job = max((os.cpu_count() or 1) // self.spec.slots, 1)
             os.environ["OMP_NUM_THREADS"] = str(per_job)
-        cut_for_budget = False
         while True:
             trials = study.get_trials(deepcopy=False)
             started = sum(  # enqueued (WAITING) trials have not started
@@ -495,7 +494,6 @@ class SweepController:
             # Fill free slots.
             while (
                 self.stop_reason is None
-                and not cut_for_budget
                 and len(self.active) < self.spec.slots
                 and started < self.n_trials
             ):
@@ -525,16 +523,13 @@ class SweepController:
                     if not info.get("stopping"):
                         request_stop_file(info["run_dir"], "budget cap reached")
                         info["stopping"] = True
-                if decision.stop and not cut_for_budget:
-                    cut_for_budget = True
+                if decision.stop and self.stop_reason is None:  # no new trial after a cut
                     self.stop_reason = (
                         f"budget cap: ${decision.spent_usd:.4f} spent of ${self.budget_usd:.4f}; "
                         f"{len(decision.stop)} running trial(s) cut at their next step"
                     )
                     self._say(self.stop_reason)
-            if not self.active and (
-                self.stop_reason is not None or cut_for_budget or started >= self.n_trials
-            ):
+            if not self.active and (self.stop_reason is not None or started >= self.n_trials):
                 break
             time.sleep(self.poll_s)
         if self.stop_reason is None:
