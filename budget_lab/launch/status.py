@@ -76,22 +76,27 @@ class RunStatus:
     result: dict[str, Any] | None = None
 
 
-def _job_id(record: LaunchRecord) -> str:
-    """The job that speaks for the run: with phases as dependent jobs, the first one that has
-    not completed (the running phase, or the one that failed); else the only one."""
-    if len(record.job_ids) == 1:
-        return record.job_ids[0]
+def _current_job(record: LaunchRecord, ask: bool = True) -> tuple[str, str | None]:
+    """The job that speaks for the run, and its Slurm state (None when not asked, or local).
+    With phases as dependent jobs, that is the first job that has not completed (the running
+    phase, or the one that failed); else the only one. Asked once per status: each answer is a
+    squeue/sacct call."""
+    if record.executor != "slurm" or not ask:
+        return record.job_ids[0], None
     for job_id in record.job_ids:
-        if _slurm_state_of(job_id) != "COMPLETED":
-            return job_id
-    return record.job_ids[-1]
+        state = _slurm_state_of(job_id)
+        if state != "COMPLETED":
+            return job_id, state
+    return record.job_ids[-1], "COMPLETED"
 
 
-def log_paths(record: LaunchRecord) -> tuple[Path, Path]:
-    """(stdout, stderr) of the job's first task, in its submitit folder."""
+def log_paths(record: LaunchRecord, job_id: str | None = None) -> tuple[Path, Path]:
+    """(stdout, stderr) of a job's first task (default: the run's current job), in the launch's
+    submitit folder."""
     from submitit.core.utils import JobPaths
 
-    paths = JobPaths(record.submitit_folder, job_id=_job_id(record), task_id=0)
+    job_id = job_id or _current_job(record)[0]
+    paths = JobPaths(record.submitit_folder, job_id=job_id, task_id=0)
     return paths.stdout, paths.stderr
 
 
@@ -100,11 +105,6 @@ def tail(path: Path, lines: int = 20) -> str:
         return ""
     text = path.read_text(errors="replace").splitlines()
     return "\n".join(text[-lines:])
-
-
-def _slurm_state(record: LaunchRecord) -> str | None:
-    """Slurm's state of the run's current job (squeue while it is known there, else sacct)."""
-    return _slurm_state_of(_job_id(record))
 
 
 def _slurm_state_of(job_id: str) -> str | None:
@@ -143,11 +143,11 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-def _submitit_outcome(record: LaunchRecord) -> tuple[str, str] | None:
+def _submitit_outcome(record: LaunchRecord, job_id: str) -> tuple[str, str] | None:
     """('success'|'error', detail) from submitit's result pickle, if the job wrote one."""
     from submitit.core.utils import JobPaths, pickle_load
 
-    path = JobPaths(record.submitit_folder, job_id=_job_id(record), task_id=0).result_pickle
+    path = JobPaths(record.submitit_folder, job_id=job_id, task_id=0).result_pickle
     if not path.is_file():
         return None
     try:
@@ -171,14 +171,20 @@ def run_status(run_dir: str | os.PathLike[str], scheduler: bool = True) -> RunSt
     if result is not None:
         status.step = result.get("global_step", status.step)
     status.segments = segments
+    job_id, sched = None, None
     if record is not None:
         status.cluster, status.executor = record.cluster, record.executor
         status.job_ids, status.sweep, status.trial = record.job_ids, record.sweep, record.trial
-        out, err = log_paths(record)
+        job_id, sched = _current_job(record, ask=scheduler)
+        out, err = log_paths(record, job_id)
         status.stdout, status.stderr = str(out), str(err)
 
     written = (result or {}).get("status")
-    if written in ("completed", "cut") and record is not None and _job_still_busy(record, segments):
+    if (
+        written in ("completed", "cut")
+        and record is not None
+        and _job_still_busy(record, segments, sched)
+    ):
         # The trainer is done but the job is not: a sweep trial measures its final FID.
         status.state, status.phase = "running", "final eval"
         return status
@@ -197,7 +203,6 @@ def run_status(run_dir: str | os.PathLike[str], scheduler: bool = True) -> RunSt
         return status
 
     if record.executor == "slurm":
-        sched = _slurm_state(record) if scheduler else None
         status.scheduler_state = sched
         if sched is not None:
             state = _SLURM.get(sched, "unknown")
@@ -218,26 +223,29 @@ def run_status(run_dir: str | os.PathLike[str], scheduler: bool = True) -> RunSt
             # The local controller requeues in place; give it a moment before calling it over.
             status.state = "queued" if time.time() - (last["end"] or 0) < 60 else "interrupted"
         elif last is None:
-            outcome = _submitit_outcome(record)
+            outcome = _submitit_outcome(record, job_id)
             status.state = "failed" if outcome and outcome[0] == "error" else "queued"
             if outcome and outcome[0] == "error":
                 status.error = outcome[1]
         else:
             status.state = "interrupted" if written == "interrupted" else "failed"
     if status.state == "failed" and status.error is None:
-        outcome = _submitit_outcome(record)
+        outcome = _submitit_outcome(record, job_id)
         status.error = (outcome[1] if outcome and outcome[0] == "error" else None) or tail(
             Path(status.stderr or "")
         )
     return status
 
 
-def _job_still_busy(record: LaunchRecord, segments: list[dict[str, Any]]) -> bool:
-    """The last segment has not written its end row, and its job is still alive."""
+def _job_still_busy(
+    record: LaunchRecord, segments: list[dict[str, Any]], sched: str | None
+) -> bool:
+    """The last segment has not written its end row, and its job is still alive (`sched`: the
+    current job's Slurm state)."""
     if not segments or segments[-1]["end"] is not None:
         return False
     if record.executor == "slurm":
-        return _SLURM.get(_slurm_state(record) or "", "") == "running"
+        return _SLURM.get(sched or "", "") == "running"
     return _pid_alive(int(segments[-1]["pid"]))
 
 
@@ -258,7 +266,8 @@ def cancel_run(run_dir: str | os.PathLike[str]) -> RunStatus:
         return before
     atomic_write_json(run_dir / CANCELLED_FILE, {"time": time.time()})
     if record.executor == "slurm":
-        subprocess.run(["scancel", _job_id(record)], capture_output=True, timeout=30)
+        # Every job of the launch: with phases as dependent jobs, the ones still waiting too.
+        subprocess.run(["scancel", *record.job_ids], capture_output=True, timeout=30)
     else:
         for seg in segment_rows(run_dir):
             if seg["end"] is None and _pid_alive(int(seg["pid"])):
