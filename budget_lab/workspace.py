@@ -5,7 +5,7 @@
       ledger.sqlite      the dollar ledger (SQLite, WAL) unless ledger_url points elsewhere
       runs/<run>/        one folder per training run
       jobs/<launch-id>/  the submitit folder of one launch
-      sweeps/<sweep>/    study.db, sweep.json, summary.json, report/
+      sweeps/<sweep>/    study.journal, sweep.json, summary.json, report/
       cache/prices/      AWS spot price history, per region and instance type
       calibration.json   measured images/s per (preset, resolution, mask ratio, device type)
 

@@ -21,6 +21,10 @@ from budget_lab.cli import main
         (["launch", "--cluster", "local", "phases.0.stepz=3"], "stepz"),
         (["sweep", "nope"], "mask_ratio"),
         (["sweep", "mask_ratio", "--trials", "0"], "--trials=0 is invalid"),
+        (
+            ["sweep", "mask_ratio", "--storage", "/no/such/dir/s.journal"],
+            "/no/such/dir does not exist",
+        ),
         (["status", "no-such-run"], "no run 'no-such-run'"),
         (["cancel", "no-such-run"], "no run 'no-such-run'"),
         (["report", "--sweep", "nope"], "no sweep 'nope'"),

@@ -18,7 +18,8 @@ import yaml
 from budget_lab.launch import Placement
 from budget_lab.launch.cluster import load_cluster
 from budget_lab.sweep import load_sweep, objective_values
-from budget_lab.sweep.controller import SweepController, default_storage
+from budget_lab.sweep.controller import SweepController
+from budget_lab.sweep.storage import default_storage, open_storage
 from budget_lab.workspace import Workspace
 
 pytestmark = pytest.mark.slow
@@ -62,7 +63,7 @@ def write_sweep(folder: Path, data_dir: Path, **fields) -> Path:
 
 
 def load_study(ws, name="tiny"):
-    return optuna.load_study(study_name=name, storage=default_storage(ws, name))
+    return optuna.load_study(study_name=name, storage=open_storage(default_storage(ws, name)))
 
 
 def test_local_sweep_runs_and_objectives_are_as_documented(train_data_dir, tmp_path):
@@ -90,16 +91,19 @@ def test_budget_cap_stops_the_sweep_before_a_trial_that_does_not_fit(train_data_
     ws = Workspace(tmp_path / "ws")
     spec = load_sweep(write_sweep(tmp_path, train_data_dir))
     cluster = load_cluster("local")
-    # A budget that holds the first trial's estimate but not two trials.
+    # A budget that holds the first trial but leaves less than the second trial's estimate (a
+    # trial's estimate prices its training steps, a third or so of what a tiny trial costs in
+    # all; 5 % of a trial is left).
     first = SweepController(spec, ws, cluster, n_trials=1, progress=False).run()
     one_trial = first.spent_usd
     capped = SweepController(
-        spec, ws, cluster, budget_usd=one_trial * 1.5, n_trials=2, progress=False
+        spec, ws, cluster, budget_usd=one_trial * 1.05, n_trials=2, progress=False
     ).run()
-    assert capped.stop_reason.startswith("budget"), capped.stop_reason
-    states = [t.state.name for t in load_study(ws).get_trials()]
-    assert states.count("COMPLETE") == 1  # the second never started
-    assert capped.spent_usd <= one_trial * 1.5
+    assert capped.stop_reason.startswith("budget: the next trial's estimate"), capped.stop_reason
+    trials = load_study(ws).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL"]  # the second never started
+    assert "exceeds the remaining" in trials[1].user_attrs["not_started"]
+    assert capped.spent_usd == pytest.approx(one_trial)
 
 
 def test_killed_controller_resumes_without_duplicates(train_data_dir, tmp_path):
@@ -224,7 +228,9 @@ def test_slurm_sweep_two_slots_one_failed_one_pruned(train_data_dir, tmp_path):
 
     calibrate_benchmark(ws.ensure(), "nano", mask_ratio=0.75, device_type="fake-gpu", batch=8)
     study = optuna.create_study(
-        study_name="slots", storage=default_storage(ws, "slots"), directions=["maximize"]
+        study_name="slots",
+        storage=open_storage(default_storage(ws, "slots")),
+        directions=["maximize"],
     )
     # Fix the order: a good trial and a broken one together, then the lagging one.
     study.enqueue_trial({"data": str(train_data_dir), "ema": 0.5})

@@ -9,7 +9,7 @@ from pathlib import Path
 
 _EPILOG = """\
 examples:
-  budget-lab sweep mask_ratio                         the main job: local, SQLite, built-in data
+  budget-lab sweep mask_ratio                         the main job: local, built-in data
   budget-lab sweep mask_ratio --trials 3 --budget-usd 0.05
   budget-lab sweep experts --cluster slurm-local      trials as Slurm jobs
   budget-lab sweep sweeps/my-sweep.yaml phases.0.batch_size=32
@@ -17,7 +17,7 @@ examples:
 
 Run the same command again after a crash (or Ctrl-C): the study resumes, running jobs are
 re-attached, finished ones are told, nothing runs twice. Results: WORKSPACE/sweeps/NAME/
-(study.db, summary.json, report/index.html); the spend is in the workspace ledger
+(study.journal, summary.json, report/index.html); the spend is in the workspace ledger
 (`budget-lab cost report --sweep NAME`). Sweep files: sweeps/*.yaml (see sweeps/README.md).
 """
 
@@ -44,7 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--slots", type=int, default=None, help="parallel jobs (default: the sweep's)")
     p.add_argument(
-        "--storage", default=None, help="Optuna storage URL (default: SQLite in the workspace)"
+        "--storage",
+        default=None,
+        help="the Optuna study: a journal file path or a database URL (sqlite:///PATH, "
+        "postgresql+psycopg://USER@HOST/DB); default: WORKSPACE/sweeps/NAME/study.journal",
     )
     p.add_argument("--no-report", action="store_true", help="skip the HTML report at the end")
     p.add_argument(
@@ -81,6 +84,10 @@ def _sweep(args: argparse.Namespace) -> int:
     workspace = Workspace.from_args(args.workspace).ensure()
     cluster = load_cluster(args.cluster or spec.cluster)
     overrides = list(args.overrides)
+    if args.storage is not None:
+        from budget_lab.sweep.storage import check_storage
+
+        check_storage(args.storage)
 
     # The data: the built-in synthetic set is made on first use; a user's data must exist.
     probe = compose_run(spec.recipe, list(spec.base_overrides) + overrides)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from budget_lab.config import edm_config, model_config, run_config_from_dict
 from budget_lab.data.loader import load_manifest
@@ -23,7 +22,7 @@ from budget_lab.errors import DataError, UserError
 from budget_lab.eval.fid import FIDEvaluator
 from budget_lab.eval.grid import save_grid
 from budget_lab.eval.sampling import generate_images, image_decoder, real_images, val_batches
-from budget_lab.io import atomic_write_json
+from budget_lab.io import atomic_write_json, yaml_load
 from budget_lab.train.checkpoint import CheckpointStore
 from model.microdit import MicroDiT
 
@@ -39,7 +38,7 @@ def load_run_model(run_dir: str | os.PathLike[str], untrained: bool = False, ema
         raise UserError(
             f"{run_dir} is not a run folder (no config.yaml); pass the folder `budget-lab train` wrote"
         )
-    cfg = run_config_from_dict(yaml.safe_load(cfg_path.read_text()))
+    cfg = run_config_from_dict(yaml_load(cfg_path.read_text()))
     torch.manual_seed(cfg.seed)
     net = MicroDiT(model_config(cfg))
     if untrained:

@@ -163,15 +163,14 @@ def _submit_phase_jobs(executor, cluster, cfg_dict, run_dir, nodes, gpus, eval_p
 
 def _prepare_run_folder(cfg, run_dir: Path) -> dict[str, Any]:
     """Write config.yaml (or check it matches) before the job starts: a queued run is visible."""
-    import yaml
-
     from budget_lab.config import run_config_to_dict
+    from budget_lab.io import yaml_dump, yaml_load
 
     resolved = run_config_to_dict(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
     if path.is_file():
-        saved = yaml.safe_load(path.read_text())
+        saved = yaml_load(path.read_text())
         if saved != resolved:
             raise ConfigError(
                 f"{run_dir} already holds a run with a different configuration; launch it under a "
@@ -180,7 +179,7 @@ def _prepare_run_folder(cfg, run_dir: Path) -> dict[str, Any]:
     else:
         from budget_lab.io import atomic_write_text
 
-        atomic_write_text(path, yaml.safe_dump(resolved, sort_keys=False))
+        atomic_write_text(path, yaml_dump(resolved))
     return resolved
 
 

@@ -212,17 +212,18 @@ class Calibration:
     def all_entries(self) -> list[CalibrationEntry]:
         return [*builtin_entries(), *self.entries]
 
-    def record(self, entry: CalibrationEntry) -> None:
-        """Add a measurement (replacing one from the same source for the same key) and save."""
-        self.entries = [
-            e
-            for e in self.entries
-            if not (
-                e.source == entry.source
-                and e.matches(entry.preset, entry.resolution, entry.mask_ratio, entry.device)
-            )
-        ]
-        self.entries.append(entry)
+    def record(self, *entries: CalibrationEntry) -> None:
+        """Add measurements (each replacing one from the same source for the same key); one save."""
+        for entry in entries:
+            self.entries = [
+                e
+                for e in self.entries
+                if not (
+                    e.source == entry.source
+                    and e.matches(entry.preset, entry.resolution, entry.mask_ratio, entry.device)
+                )
+            ]
+            self.entries.append(entry)
         self.save()
 
     def save(self) -> None:
@@ -384,13 +385,13 @@ def calibrate_from_run(
 ) -> list[CalibrationEntry]:
     """Record the throughput a finished run measured (metrics.jsonl images_per_s, median per
     phase, the first row of each segment left out as warm-up), divided by its `devices`."""
-    import yaml
+    from budget_lab.io import yaml_load
 
     run = Path(run_dir)
     config_path = run / "config.yaml"
     if not config_path.is_file():
         raise DataError(f"{run} has no config.yaml: pass a run folder (workspace/runs/<run>)")
-    cfg = yaml.safe_load(config_path.read_text())
+    cfg = yaml_load(config_path.read_text())
     preset = str(cfg["model"]["preset"])
     phases = {p["name"]: p for p in cfg.get("phases", [])}
     rows: dict[str, list[float]] = {}
@@ -426,6 +427,6 @@ def calibrate_from_run(
             measured_at=time.time(),
             note=f"median of {len(values)} metrics rows of phase {name} over {devices} device(s)",
         )
-        cal.record(entry)
         out.append(entry)
+    cal.record(*out)
     return out

@@ -206,6 +206,7 @@ class Ledger:
     def __init__(self, url: str | URL, *, timeout_s: float = 60.0):
         self.url = _parse_url(url)
         self.engine = _make_engine(self.url, timeout_s)
+        self._statements: tuple[Any, Any] | None = None  # see _upsert_statements
         self._ensure_schema()
 
     @classmethod
@@ -314,16 +315,13 @@ class Ledger:
         counts = UpsertCounts()
         if not rows:
             return counts
-        insert = self._insert()
-        columns = [*_SEGMENT_FIELDS, "day"]
+        select_by_keys, upsert = self._upsert_statements()
         with self._write() as conn:
             keys = list(rows)
             existing: dict[str, dict[str, Any]] = {}
             for i in range(0, len(keys), _CHUNK):
-                query = sa.select(*(_segments.c[c] for c in columns)).where(
-                    _segments.c.key.in_(keys[i : i + _CHUNK])
-                )
-                for found in conn.execute(query).mappings():
+                found_rows = conn.execute(select_by_keys, {"keys": keys[i : i + _CHUNK]})
+                for found in found_rows.mappings():
                     existing[found["key"]] = dict(found)
             todo = []
             for key, row in rows.items():
@@ -336,14 +334,26 @@ class Ledger:
                 else:
                     counts.updated += 1
                 todo.append(row)
-            stmt = insert(_segments)
-            stmt = stmt.on_conflict_do_update(
+            for i in range(0, len(todo), _CHUNK):
+                conn.execute(upsert, todo[i : i + _CHUNK])
+        return counts
+
+    def _upsert_statements(self) -> tuple[Any, Any]:
+        """upsert_segments' two statements, built once per ledger (a sweep controller upserts
+        every running trial's segments at every budget check: building them cost more than
+        running them)."""
+        if self._statements is None:
+            columns = [*_SEGMENT_FIELDS, "day"]
+            select_by_keys = sa.select(*(_segments.c[c] for c in columns)).where(
+                _segments.c.key.in_(sa.bindparam("keys", expanding=True))
+            )
+            stmt = self._insert()(_segments)
+            upsert = stmt.on_conflict_do_update(
                 index_elements=["key"],
                 set_={c: stmt.excluded[c] for c in columns if c != "key"},
             )
-            for i in range(0, len(todo), _CHUNK):
-                conn.execute(stmt, todo[i : i + _CHUNK])
-        return counts
+            self._statements = (select_by_keys, upsert)
+        return self._statements
 
     def segments(
         self,

@@ -16,7 +16,13 @@ def list_sweeps_in(workspace) -> list[str]:
     root = workspace.sweeps_dir
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if (p / "study.db").is_file())
+    from budget_lab.sweep.storage import default_storage, study_exists
+
+    return sorted(
+        p.name
+        for p in root.iterdir()
+        if p.is_dir() and study_exists(default_storage(workspace, p.name))
+    )
 
 
 def _grid(run_dir: str | None) -> str | None:
@@ -62,11 +68,11 @@ def load_report_data(workspace, sweep: str | None = None, storage: str | None = 
                 f"no sweep {sweep!r} in {workspace.sweeps_dir}; sweeps there: "
                 f"{', '.join(known) or 'none yet (run `budget-lab sweep mask_ratio`)'}"
             )
-        from budget_lab.sweep.controller import default_storage
+        from budget_lab.sweep.storage import default_storage, open_storage
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.load_study(
-            study_name=sweep, storage=storage or default_storage(workspace, sweep)
+            study_name=sweep, storage=open_storage(storage or default_storage(workspace, sweep))
         )
         by_run: dict[str, list] = {}
         for s in segments:

@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 from budget_lab.errors import UserError
 from budget_lab.launch.job import EvalPlan, read_jsonl
 from budget_lab.launch.status import FINAL_STATES, run_status
+from budget_lab.sweep.storage import default_storage, open_storage
 
 __all__ = ["SweepController", "SweepSummary", "default_storage", "ensure_builtin_data"]
 
@@ -43,12 +44,6 @@ class SweepSummary:
     study_storage: str = ""
     summary_path: str | None = None
     report_path: str | None = None
-
-
-def default_storage(workspace, sweep: str) -> str:
-    path = workspace.sweep_dir(sweep) / "study.db"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
 
 
 def ensure_builtin_data(path: Path, n: int = 2000, progress: bool = True) -> Path:
@@ -82,7 +77,7 @@ class SweepController:
         n_trials: int | None = None,
         storage: str | None = None,
         overrides: list[str] | tuple[str, ...] = (),
-        poll_s: float = 1.0,
+        poll_s: float = 0.25,
         progress: bool = True,
         placement=None,
     ):
@@ -99,8 +94,13 @@ class SweepController:
         self.placement = placement  # nodes × GPUs per trial (default: one whole node)
         self.progress = progress
         self.ledger = Ledger.for_workspace(workspace)
+        self._recipe_base = None  # the recipe with the sweep's base overrides, composed once
         self._base_cfg = None
         self._base_estimate_usd: float | None = None  # rung_fractions scale: the base trial's $
+        self._spent_cache: tuple[float, float] | None = None  # (monotonic time, $) of _spent()
+        # The budget guard's period: the spend is synced from every running trial's files
+        # (~10 ms each), so not at every poll; the guard's stop margin accounts for the period.
+        self.guard_s = max(poll_s, 1.0)
         self.active: dict[int, dict[str, Any]] = {}  # trial number → {"trial", "run_dir", ...}
         self.stop_reason: str | None = None
 
@@ -112,7 +112,7 @@ class SweepController:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         return optuna.create_study(
             study_name=self.spec.name,
-            storage=self.storage,
+            storage=open_storage(self.storage),
             sampler=make_sampler(self.spec),
             pruner=make_pruner(self.spec),
             directions=study_directions(self.spec),
@@ -128,18 +128,18 @@ class SweepController:
     def _run_name(self, number: int) -> str:
         return f"{self.spec.name}-{number:03d}"
 
-    def _trial_config(self, params: dict[str, Any], extra: list[str] = ()):
-        from budget_lab.config import compose_run
-        from budget_lab.sweep import trial_overrides
+    def _trial_config(self, params: dict[str, Any], extra: list[str] | tuple[str, ...] = ()):
+        """The trial's run config: the recipe with the sweep's base overrides and eval settings
+        (composed once per controller), then the params' targets, the command line's overrides
+        and `extra`; composing validates it."""
+        from budget_lab.config import RecipeBase
+        from budget_lab.sweep import base_overrides, param_overrides
 
-        if self._base_cfg is None:  # composed once per controller, not once per trial
-            from budget_lab.sweep import base_config
-
-            self._base_cfg = base_config(self.spec)
-        overrides = (
-            trial_overrides(self.spec, params, self._base_cfg) + self.overrides + list(extra)
-        )
-        cfg = compose_run(self.spec.recipe, overrides)
+        if self._recipe_base is None:
+            self._recipe_base = RecipeBase(self.spec.recipe, base_overrides(self.spec))
+            self._base_cfg = self._recipe_base.compose()
+        targets = param_overrides(self.spec, params, self._base_cfg)
+        cfg = self._recipe_base.compose([*targets, *self.overrides, *extra])
         cfg.data.path = str(Path(cfg.data.path).resolve())
         return cfg
 
@@ -226,16 +226,24 @@ class SweepController:
             out.append(seconds * rate)
         return out
 
-    def _spent(self) -> float:
-        """The sweep's spend: the ledger's settled segments plus live figures of active runs."""
+    def _spent(self, max_age_s: float = 0.0) -> float:
+        """The sweep's spend: the ledger's settled segments plus live figures of active runs
+        (each active trial's own part kept as its "seen_usd"). A figure taken less than
+        `max_age_s` ago is reused: a launch right after a loop pass needs no second sync."""
         from budget_lab.ledger import sync_run
 
+        cached = self._spent_cache
+        if cached is not None and time.monotonic() - cached[0] < max_age_s:
+            return cached[1]
         for info in self.active.values():
             try:
-                sync_run(self.ledger, info["run_dir"], self.cluster, sacct_wait_s=0)
+                segments = sync_run(self.ledger, info["run_dir"], self.cluster, sacct_wait_s=0)
             except UserError:
-                pass  # accounting lags (sacct rows appear a little after the job): next poll
-        return self.ledger.spent(sweep=self.spec.name)  # useful + wasted
+                continue  # accounting lags (sacct rows appear a little after the job): next poll
+            info["seen_usd"] = sum(seg.cost_usd for seg in segments)
+        spent = self.ledger.spent(sweep=self.spec.name)  # useful + wasted
+        self._spent_cache = (time.monotonic(), spent)
+        return spent
 
     def _launch(
         self, study: optuna.Study, trial: optuna.trial.Trial | optuna.trial.FrozenTrial, params
@@ -264,7 +272,10 @@ class SweepController:
         if self.spec.objective == "fid_at_budget" and self.spec.trial_budget_usd:
             est = min(est, self.spec.trial_budget_usd)
         if self.budget_usd is not None:
-            committed = self._spent() + sum(
+            # What is spent plus what the running trials may still spend: the figure of the
+            # budget guard's last check is reused (the running trials' remaining estimates
+            # cover what they spent since).
+            committed = self._spent(max_age_s=self.guard_s) + sum(
                 max(i["estimate_usd"] - i.get("seen_usd", 0.0), 0.0) for i in self.active.values()
             )
             if committed + est > self.budget_usd:
@@ -322,7 +333,7 @@ class SweepController:
         run_dir = Path(info["run_dir"])
         trial_id = info["trial_id"]
         storage = study._storage
-        for row in read_jsonl(run_dir / "rungs.jsonl"):
+        for row in self._new_rows(info, run_dir / "rungs.jsonl"):
             key = (row["kind"], row.get("rung_usd"))
             if key in info["reported"]:
                 continue
@@ -355,6 +366,9 @@ class SweepController:
         ):
             return False  # accounting rows not complete yet: tell once they are
         cost = self.ledger.spent(run=run_dir.name)  # useful + wasted
+        if self._spent_cache is not None:  # the sweep's figure gains what the trial spent since
+            at, spent = self._spent_cache
+            self._spent_cache = (at, spent + cost - info.get("seen_usd", 0.0))
         storage.set_trial_user_attr(trial_id, "cost_usd", cost)
         storage.set_trial_user_attr(trial_id, "status", st.state)
         result = st.result or {}
@@ -391,6 +405,20 @@ class SweepController:
             study.tell(number, state=TrialState.FAIL)
             self._say(f"trial {number}: {st.state}, ${cost:.4f}: {(st.error or '').strip()[-200:]}")
         return True
+
+    @staticmethod
+    def _new_rows(info: dict[str, Any], path: Path) -> list[dict[str, Any]]:
+        """The rows of a trial's rungs.jsonl, or none when the file has not changed since the last
+        pass (a stat instead of a read and parse at every poll)."""
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return []
+        mark = (st.st_mtime_ns, st.st_size)
+        if info.get("rungs_mark") == mark:
+            return []
+        info["rungs_mark"] = mark
+        return read_jsonl(path)
 
     def _fid_ref(self, run_dir: Path) -> float | None:
         """fid_per_dollar's reference F0: the untrained model's FID at the same N on the same
@@ -447,6 +475,37 @@ class SweepController:
             )
         return jobs
 
+    def _warm_up(self) -> None:
+        """Before the first launch: the base config, and the cost estimate of each grid point (up
+        to 64 of them), so that what an estimate computes once (a FLOP count for a mask ratio with
+        no calibration of its own: torch imported, the model traced, ~0.3 s each) is not paid
+        inside a trial's launch. Other samplers pay it at the first trial of each new value."""
+        import itertools
+
+        from budget_lab.errors import ConfigError
+        from budget_lab.sweep import grid_search_space
+
+        if self.spec.sampler != "grid":
+            return
+        space = grid_search_space(self.spec)
+        if math.prod(len(v) for v in space.values()) > 64:
+            return
+        for values in itertools.product(*space.values()):
+            try:
+                self._estimate(self._trial_config(dict(zip(space, values, strict=True))))
+            except ConfigError:
+                continue  # that trial fails at its launch, with this error
+
+    @staticmethod
+    def _started(study: optuna.Study) -> int:
+        """Trials that count against n_trials: not enqueued-and-waiting, not refused by the
+        budget before they started."""
+        return sum(
+            1
+            for t in study.get_trials(deepcopy=False)
+            if t.state != TrialState.WAITING and not t.user_attrs.get("not_started")
+        )
+
     def _reattach(self, study: optuna.Study) -> None:
         """After a restart: follow RUNNING trials again; launch those that were never submitted."""
         for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -472,26 +531,30 @@ class SweepController:
         from budget_lab.train.trainer import request_stop_file
 
         study = self._study()
+        self._warm_up()
         self._reattach(study)
         guard = None
         if self.budget_usd is not None:
             guard = BudgetGuard(
                 self.budget_usd,
-                check_interval_s=self.poll_s,
+                check_interval_s=self.guard_s + self.poll_s,
                 crossed=self.ledger.crossed_thresholds(self._scope),
             )
         if self.cluster.executor == "local" and self.spec.slots > 1:
             # Share this machine's cores between the parallel local jobs.
             per_job = max((os.cpu_count() or 1) // self.spec.slots, 1)
             os.environ["OMP_NUM_THREADS"] = str(per_job)
+        started = self._started(study)
+        next_guard = 0.0
         while True:
-            trials = study.get_trials(deepcopy=False)
-            started = sum(  # enqueued (WAITING) trials have not started
-                1
-                for t in trials
-                if t.state != TrialState.WAITING and not t.user_attrs.get("not_started")
-            )
-            # Fill free slots.
+            # Follow the running ones: report rungs, prune, tell the ended ones.
+            for number in list(self.active):
+                if self._follow(study, number, self.active[number]):
+                    del self.active[number]
+            # Refill the freed slots in the same pass (the count of started trials is read
+            # again first: controllers sharing the study start trials too).
+            if self.stop_reason is None and len(self.active) < self.spec.slots:
+                started = self._started(study)
             while (
                 self.stop_reason is None
                 and len(self.active) < self.spec.slots
@@ -502,13 +565,10 @@ class SweepController:
                 if not self._launch(study, trial, params):
                     break
                 started += 1
-            # Follow the running ones.
-            for number in list(self.active):
-                if self._follow(study, number, self.active[number]):
-                    del self.active[number]
             # The budget cap: stop runs (at their next step, with a checkpoint) before the
             # spend can pass the cap by the next check; report 50 / 80 / 100 % once each.
-            if guard is not None and self.active:
+            if guard is not None and self.active and time.monotonic() >= next_guard:
+                next_guard = time.monotonic() + self.guard_s
                 decision = guard.check(self._spent(), self._running_jobs())
                 for fraction in decision.crossed:
                     self.ledger.record_threshold(
@@ -586,9 +646,9 @@ class SweepController:
 
 
 def yaml_load(path: Path) -> dict[str, Any]:
-    import yaml
+    from budget_lab.io import yaml_load as load
 
-    return yaml.safe_load(path.read_text())
+    return load(path.read_text())
 
 
 def _usd_per_step(cfg, estimate) -> list[float]:

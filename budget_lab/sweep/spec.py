@@ -71,6 +71,8 @@ __all__ = [
     "phase_rung_phases",
     "suggest",
     "trial_overrides",
+    "param_overrides",
+    "base_overrides",
     "trial_config",
     "budget_steps",
     "grid_search_space",
@@ -679,7 +681,7 @@ def _eval_overrides(spec: SweepSpec) -> list[str]:
 
 def base_config(spec: SweepSpec) -> RunConfig:
     """The trial recipe with the base overrides and eval settings: a trial before its params."""
-    return compose_run(spec.recipe, [*spec.base_overrides, *_eval_overrides(spec)])
+    return compose_run(spec.recipe, base_overrides(spec))
 
 
 def masked_phases(cfg: RunConfig) -> list[int]:
@@ -757,15 +759,12 @@ def _target_overrides(values: dict[str, Any], base: RunConfig) -> list[str]:
     return out
 
 
-def trial_overrides(
-    spec: SweepSpec,
-    params: dict[str, Any],
-    base: RunConfig | dict[str, Any] | None = None,
+def param_overrides(
+    spec: SweepSpec, params: dict[str, Any], base: RunConfig | dict[str, Any] | None = None
 ) -> list[str]:
-    """The key=value overrides of one trial, for `compose_run(spec.recipe, overrides)`: the base
-    overrides, the eval settings, then each param's target (inactive params set their default,
-    if any). `base` is `base_config(spec)` (or its dict) when the caller already has it.
-    Validated by composing; an invalid combination raises ConfigError."""
+    """The key=value overrides that set each param's target (inactive params set their default,
+    if any), to apply after the base overrides and eval settings. `base` is `base_config(spec)`
+    (or its dict) when the caller already has it."""
     if base is None:
         base = base_config(spec)
     elif isinstance(base, dict):
@@ -784,7 +783,23 @@ def trial_overrides(
             continue
         if p.target is not None:
             values[p.target] = value  # a later param with the same target wins
-    overrides = [*spec.base_overrides, *_eval_overrides(spec), *_target_overrides(values, base)]
+    return _target_overrides(values, base)
+
+
+def base_overrides(spec: SweepSpec) -> list[str]:
+    """What every trial of the sweep applies to its recipe first: base overrides, eval settings."""
+    return [*spec.base_overrides, *_eval_overrides(spec)]
+
+
+def trial_overrides(
+    spec: SweepSpec,
+    params: dict[str, Any],
+    base: RunConfig | dict[str, Any] | None = None,
+) -> list[str]:
+    """The key=value overrides of one trial, for `compose_run(spec.recipe, overrides)`: the base
+    overrides, the eval settings, then each param's target (`param_overrides`). Validated by
+    composing; an invalid combination raises ConfigError."""
+    overrides = [*base_overrides(spec), *param_overrides(spec, params, base)]
     compose_run(spec.recipe, overrides)
     return overrides
 

@@ -26,13 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from budget_lab.config import RunConfig, edm_config, model_config, run_config_to_dict
 from budget_lab.config.schema import PhaseConfig
 from budget_lab.errors import ConfigError, DataError, TrainingError, UserError
-from budget_lab.io import atomic_write_json, atomic_write_text
+from budget_lab.io import atomic_write_json, atomic_write_text, yaml_dump, yaml_load
 from budget_lab.train.checkpoint import CheckpointStore
 from model.edm import EDMConfig, EDMPrecond, edm_loss
 from model.microdit import MicroDiT
@@ -125,7 +124,7 @@ class Trainer:
         resolved = run_config_to_dict(self.cfg)
         path = self.run_dir / "config.yaml"
         if path.is_file():
-            saved = yaml.safe_load(path.read_text())
+            saved = yaml_load(path.read_text())
             if saved != resolved:
                 diff = sorted(
                     k for k in set(saved) | set(resolved) if saved.get(k) != resolved.get(k)
@@ -136,7 +135,7 @@ class Trainer:
                     "--run-dir"
                 )
         else:
-            atomic_write_text(path, yaml.safe_dump(resolved, sort_keys=False))
+            atomic_write_text(path, yaml_dump(resolved))
 
     def _result(self, **fields: Any) -> dict[str, Any]:
         result = read_result(self.run_dir) or {}
