@@ -600,7 +600,7 @@ def report(args, probe, trials, summary, run_cpu, machine, command, started, clu
         row("  budget check (ledger sync of running trials + spend)", spent),
         row("  `launch_run` (run folder, config.yaml, launch.json, submit)", launch_run),
         row("    submitit `executor.submit`", submit),
-        row("  Optuna user attributes (6 writes)", attrs),
+        row("  Optuna user attributes (4 writes)", attrs),
         row("final `_follow`", final),
         row("  `run_status`", status),
         row("  ledger `sync_run`", sync),

@@ -13,6 +13,7 @@ import torch
 
 from budget_lab.launch import Placement, cancel_run, launch_run, launch_runs, run_status
 from budget_lab.launch.cluster import load_cluster
+from budget_lab.launch.job import read_jsonl
 from budget_lab.train import CheckpointStore, Trainer
 from budget_lab.workspace import Workspace
 from tests.helpers import tiny_run_config
@@ -51,10 +52,18 @@ def test_local_launch_completes_and_status_says_where(train_data_dir, workspace)
     assert (Path(st.run_dir) / "result.json").is_file()
     assert len(st.segments) == 1 and st.segments[0]["status"] == "completed"
     assert Path(st.stdout).parent == Path(record.submitit_folder)
-    # Every launch gets its own submitit folder.
-    record2 = launch_run(tiny_cfg(train_data_dir), cluster, workspace, "nano-local-2")
+    # The job ran at the cluster's CPU niceness (local.yaml: 10), above this process's.
+    [start] = [r for r in read_jsonl(Path(st.run_dir) / "segments.jsonl") if r["event"] == "start"]
+    assert cluster.nice == 10 and start["nice"] == max(os.nice(0), cluster.nice)
+    # Every launch gets its own submitit folder; nice 0 leaves the priority alone.
+    cluster0 = load_cluster("local", ["nice=0"])
+    record2 = launch_run(tiny_cfg(train_data_dir), cluster0, workspace, "nano-local-2")
     assert record2.submitit_folder != record.submitit_folder
-    wait_for(record2.run_dir)
+    st2 = wait_for(record2.run_dir)
+    [start2] = [
+        r for r in read_jsonl(Path(st2.run_dir) / "segments.jsonl") if r["event"] == "start"
+    ]
+    assert start2["nice"] == os.nice(0)
 
 
 def test_local_preemption_requeues_and_resumes_bit_identical(train_data_dir, workspace, tmp_path):

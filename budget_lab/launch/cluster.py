@@ -178,6 +178,10 @@ class ClusterConfig:
     time_limit_min: int = 4320  # wall-clock limit of one job (Slurm --time); requeues reset it
     signal_delay_s: int = 120  # SIGUSR2 this long before the limit: time to save a checkpoint
     max_requeues: int = 10  # preemptions / timeouts a run survives before it is marked failed
+    # Local executor: the jobs' CPU niceness (0..19). Above 0, a training job yields the cores to
+    # the sweep controller and to interactive work on this machine when both want them, and
+    # takes them back the moment they are idle; on Slurm, priorities are the scheduler's.
+    nice: int = 0
     slurm: SlurmConfig | None = None  # required when executor is "slurm", else null
     price: PriceConfig  # what a GPU-hour (machine-hour without GPUs) costs
 
@@ -216,6 +220,14 @@ class ClusterConfig:
             f"expected 0 .. time_limit_min * 60 = {self.time_limit_min * 60} s",
         )
         _check(self.max_requeues >= 0, "max_requeues", self.max_requeues, "expected >= 0")
+        _check(0 <= self.nice <= 19, "nice", self.nice, "expected 0 .. 19 (0: not lowered)")
+        _check(
+            self.executor == "local" or self.nice == 0,
+            "nice",
+            self.nice,
+            "only the local executor lowers its jobs' CPU priority; on Slurm use the partition's "
+            "QoS or `slurm: {additional: {nice: N}}`: expected 0",
+        )
         if self.executor == "slurm":
             _check(
                 self.slurm is not None,

@@ -90,6 +90,7 @@ class TrainJob(submitit.helpers.Checkpointable):
     eval_plan: EvalPlan | None = None
     max_requeues: int = 10
     stop_after_phase: int | None = None
+    nice: int = 0
 
     def __init__(
         self,
@@ -100,6 +101,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         eval_plan: EvalPlan | None = None,
         max_requeues: int = 10,
         stop_after_phase: int | None = None,
+        nice: int = 0,
     ):
         self.run_dir = str(run_dir)
         self.config = config  # the resolved RunConfig as a dict (what config.yaml holds)
@@ -108,6 +110,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.eval_plan = eval_plan
         self.max_requeues = max_requeues
         self.stop_after_phase = stop_after_phase  # phases as dependent jobs: this job's last phase
+        self.nice = nice  # the local executor's CPU niceness for the job (ClusterConfig.nice)
         self._trainer = None
         self._thread: threading.Thread | None = None
 
@@ -132,6 +135,8 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict[str, Any]:
         env = submitit.JobEnvironment()
+        if self.nice > os.nice(0):  # lowered once: a requeued job starts a fresh process
+            os.nice(self.nice - os.nice(0))
         if env.num_tasks > 1:  # one task per GPU: torch.distributed through env:// for accelerate
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=True)
         rank0 = env.global_rank == 0
@@ -148,6 +153,7 @@ class TrainJob(submitit.helpers.Checkpointable):
                     "host": socket.gethostname(),
                     "pid": os.getpid(),
                     "devices": self.devices,
+                    "nice": os.nice(0),
                     "time": time.time(),
                 },
             )

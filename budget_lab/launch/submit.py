@@ -138,6 +138,7 @@ def _job_for(cfg_dict, run_dir, cluster, nodes, gpus, eval_plan, stop_after_phas
         eval_plan=eval_plan,
         max_requeues=cluster.max_requeues,
         stop_after_phase=stop_after_phase,
+        nice=getattr(cluster, "nice", 0),
     )
 
 

@@ -301,13 +301,13 @@ class SweepController:
             trial=trial.number,
             eval_plan=self._eval_plan(cfg, est),
         )
+        # The trial's side of the trial ↔ run link (one journal append each: the launch id,
+        # cluster and submitit folder are in the run folder's launch.json).
         storage = study._storage
         for key, value in {
             "run": name,
             "run_dir": record.run_dir,
             "job_ids": record.job_ids,
-            "launch_id": record.launch_id,
-            "cluster": self.cluster.name,
             "estimate_usd": est,
         }.items():
             storage.set_trial_user_attr(trial._trial_id, key, value)
