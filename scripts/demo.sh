@@ -5,8 +5,8 @@
 #
 # five `nano` trials at mask ratios 0 ... 0.9 on this machine (local executor), each a short
 # masked pretraining then an unmasked finetune, judged on real Inception FID and dollars (the
-# local machine at clusters/local.yaml's $/hour): Optuna study in SQLite, the dollar ledger in
-# SQLite, W&B offline, the built-in synthetic captioned data made on first use. It prints the
+# local machine at clusters/local.yaml's $/hour): Optuna study in a journal file, the dollar
+# ledger in SQLite, W&B offline, the built-in synthetic captioned data made on first use. It prints the
 # trials, the Pareto front of FID against $, and leaves workspace/ (study, ledger, runs,
 # summary.json and the HTML report at workspace/sweeps/mask_ratio/report/index.html).
 # Running it again resumes the study (nothing is trained twice).
