@@ -13,7 +13,8 @@ process only) to time what it does itself:
   the part spent inside submitit's `executor.submit` (the local executor's Popen of the job
   controller; `sbatch` on Slurm): the job's start-up and run time are never counted;
 - per poll: one pass of the controller's loop while trials run (status of every running trial,
-  the ledger sync and the budget guard, Optuna's trial list), without its `time.sleep(poll_s)`.
+  the ledger sync and the budget guard, Optuna's trial list), without its wait between passes
+  (`poll_s`, or until a job's notification wakes it: budget_lab/launch/notify.py).
 
 Wall time is `time.perf_counter`; CPU time is the controller thread's (`time.thread_time`; the
 CPU of `sbatch`/`squeue`/`sacct` children is not in it, their wall time is).
@@ -126,26 +127,12 @@ class Probe:
         return sum(getattr(s, what) for s in self.spans.get(name, []))
 
 
-class _SleepCounter:
-    """Stands in for the controller module's `time`: counts and times its `sleep(poll_s)`."""
-
-    def __init__(self, probe: Probe):
-        self._probe = probe
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-    def sleep(self, seconds: float) -> None:
-        began, w0 = time.time(), time.perf_counter()
-        time.sleep(seconds)
-        self._probe.spans["sleep"].append(Span(time.perf_counter() - w0, 0.0, began))
-
-
 def instrument(probe: Probe):
     """Wrap the controller's steps and what it calls; returns the controller class to use."""
     import optuna
 
     import budget_lab.launch
+    import budget_lab.launch.notify as notify_mod
     import budget_lab.launch.submit as submit_mod
     import budget_lab.ledger
     import budget_lab.ledger.calibration as calibration_mod
@@ -178,8 +165,19 @@ def instrument(probe: Probe):
 
     probe._undo.append((submit_mod, "make_executor", make_executor))
     submit_mod.make_executor = timed_executor
-    probe._undo.append((controller_mod, "time", controller_mod.time))
-    controller_mod.time = _SleepCounter(probe)
+    # The loop's wait between passes: poll_s, or less when a job's notification wakes it.
+    wait = notify_mod.Listener.wait
+
+    def timed_wait(self: Any, timeout_s: float) -> list[str]:
+        began, w0 = time.time(), time.perf_counter()
+        messages = wait(self, timeout_s)
+        span = Span(time.perf_counter() - w0, 0.0, began)
+        span.tag = len(messages)
+        probe.spans["sleep"].append(span)
+        return messages
+
+    probe._undo.append((notify_mod.Listener, "wait", wait))
+    notify_mod.Listener.wait = timed_wait
     # Disk flushes made from Python (atomic file writes, Optuna's journal); SQLite's own (in C,
     # on each ledger commit) are not seen here.
     probe.patch(os, "fsync", "fsync")
@@ -499,6 +497,7 @@ def report(args, probe, trials, summary, run_cpu, machine, command, started, clu
     run_wall = probe.total("run")
     sleep = probe.total("sleep")
     passes = len(probe.spans.get("sleep", [])) + 1
+    woken = sum(1 for span in probe.spans.get("sleep", []) if span.tag)
     per_pass = (run_wall - sleep - sum(total.wall)) / max(passes, 1)
     poll_follow = calls(probe, "follow_poll")
     poll_status = calls(probe, "run_status")  # includes the final follows' (n of them)
@@ -607,7 +606,7 @@ def report(args, probe, trials, summary, run_cpu, machine, command, started, clu
         row("  `calibrate_from_run`", calibrate),
         row("  Optuna `tell`", tell),
         "",
-        "#### Controller time per poll, while trials run (`poll_s` sleep excluded)",
+        "#### Controller time per poll, while trials run (the wait between passes excluded)",
         "",
         *TABLE_HEAD,
         row("`_follow` of one running trial", poll_follow),
@@ -618,8 +617,8 @@ def report(args, probe, trials, summary, run_cpu, machine, command, started, clu
         row("Optuna `get_trials` (when a slot is free)", calls(probe, "get_trials")),
         "",
         f"Loop passes: {passes}; controller time per pass outside the per-trial work above: "
-        f"{per_pass * 1000:.1f} ms on average (wall); asleep {sleep:.1f} s of the {run_wall:.1f} s "
-        f"the sweep took. Controller thread CPU over the whole sweep: {run_cpu:.2f} s, "
+        f"{per_pass * 1000:.1f} ms on average (wall); waiting {sleep:.1f} s of the {run_wall:.1f} s "
+        f"the sweep took; {woken} of the {passes - 1} waits ended early by a job's notification. Controller thread CPU over the whole sweep: {run_cpu:.2f} s, "
         f"{run_cpu / max(n, 1) * 1000:.0f} ms per trial with the polling. Disk flushes from Python "
         f"(atomic writes, the journal; SQLite's are in C and not counted): {len(fsyncs.wall)} "
         f"fsync calls, {_ms(percentile(fsyncs.wall, 50) if fsyncs.wall else 0.0)} ms median "
@@ -662,9 +661,9 @@ def report(args, probe, trials, summary, run_cpu, machine, command, started, clu
         f"- Slot utilisation ≥ 95%: **{util:.1%}, {'met' if util >= 0.95 else 'NOT met'}**. "
         f"A trial's job ran {mean(job_s):.1f} s on average and its slot lost {lost:.1f} s around "
         f"it: job start-up {mean(startup):.1f} s ({startup_why}; the start row is written "
-        f"before torch is imported), detection {mean(detect):.2f} s (up to one `poll_s` plus the loop "
-        f"pass{detect_why}; passes are sequential, so a slow launch in the same pass delays it "
-        f"too), refill {mean(refill):.2f} s (ask → compose → estimate → launch). With "
+        f"before torch is imported), detection {mean(detect):.2f} s (the job's notification "
+        f"wakes the loop, else up to one `poll_s`; then the loop pass{detect_why}; passes are "
+        f"sequential, so a slow launch in the same pass delays it too), refill {mean(refill):.2f} s (ask → compose → estimate → launch). With "
         f"these losses, 95% needs jobs of at least {19 * lost:.0f} s (J / (J + "
         f"{lost:.1f} s) ≥ 0.95).",
         "",

@@ -14,6 +14,7 @@ import torch
 from budget_lab.launch import Placement, cancel_run, launch_run, launch_runs, run_status
 from budget_lab.launch.cluster import load_cluster
 from budget_lab.launch.job import read_jsonl
+from budget_lab.launch.notify import Listener
 from budget_lab.train import CheckpointStore, Trainer
 from budget_lab.workspace import Workspace
 from tests.helpers import tiny_run_config
@@ -45,9 +46,13 @@ def workspace(tmp_path):
 
 def test_local_launch_completes_and_status_says_where(train_data_dir, workspace):
     cluster = load_cluster("local")
-    record = launch_run(tiny_cfg(train_data_dir), cluster, workspace, "nano-local")
-    st = wait_for(record.run_dir)
+    with Listener() as wake:  # what the sweep controller waits on between its polls
+        record = launch_run(tiny_cfg(train_data_dir), cluster, workspace, "nano-local")
+        st = wait_for(record.run_dir)
+        woken_by = wake.wait(0)
     assert st.state == "completed", st.error
+    # The job sent its run folder once its end row was written.
+    assert [Path(m).resolve() for m in woken_by] == [Path(record.run_dir).resolve()]
     assert Path(st.run_dir) == workspace.run_dir("nano-local").resolve()
     assert (Path(st.run_dir) / "result.json").is_file()
     assert len(st.segments) == 1 and st.segments[0]["status"] == "completed"
@@ -88,6 +93,8 @@ def test_local_preemption_requeues_and_resumes_bit_identical(train_data_dir, wor
     st = wait_for(run_dir)
     assert st.state == "completed", st.error
     assert [s["status"] for s in st.segments] == ["preempted", "completed"]
+    starts = [r for r in read_jsonl(run_dir / "segments.jsonl") if r["event"] == "start"]
+    assert [r["nice"] for r in starts] == [max(os.nice(0), 10)] * 2  # the requeued job kept it
     ckpts = [json.loads(x) for x in (run_dir / "checkpoints.jsonl").read_text().splitlines()]
     assert ckpts[0]["phase"] == "masked-pretrain" and ckpts[0]["step"] < 30  # saved mid-phase
     ref, got = final_weights(reference), final_weights(run_dir)

@@ -5,6 +5,7 @@ job.py       TrainJob: the trainer as a submitit Checkpointable (preemption → 
              requeue → exact resume), segments.jsonl, dollar rungs for sweep trials
 submit.py    launch_run / launch_runs: a fresh submitit folder per launch, launch.json
 status.py    run_status / cancel_run / log_paths: what runs where, in which phase and segment
+notify.py    notify / Listener: a job wakes the controller that launched it (a Unix datagram)
 """
 
 from budget_lab.launch.job import EvalPlan, TrainJob

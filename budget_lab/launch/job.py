@@ -25,6 +25,8 @@ from typing import Any
 
 import submitit
 
+from budget_lab.launch.notify import notify
+
 __all__ = ["EvalPlan", "TrainJob", "read_jsonl", "segment_rows"]
 
 
@@ -218,6 +220,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             self.eval_plan,
             self.max_requeues,
             self.stop_after_phase,
+            self.nice,
         )
         return submitit.helpers.DelayedSubmission(fresh)
 
@@ -228,6 +231,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             Path(self.run_dir) / "segments.jsonl",
             {"event": "end", "attempt": self._attempt, "status": status, "time": time.time()},
         )
+        notify(self.run_dir)  # the controller that launched us refills the slot without a poll
 
     def _after_step(self, info: dict[str, Any]) -> None:
         """Dollar rungs, the phase rung and the trial budget of a sweep trial."""
@@ -281,6 +285,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             "time": time.time(),
         }
         _append_jsonl(Path(self.run_dir) / "rungs.jsonl", row)
+        notify(self.run_dir)  # the controller judges the rung (prune?) before our next step
 
     def _final_eval(self) -> dict[str, Any]:
         from budget_lab.eval.evaluate import evaluate_run

@@ -25,6 +25,7 @@ from optuna.trial import TrialState
 
 from budget_lab.errors import UserError
 from budget_lab.launch.job import EvalPlan, read_jsonl
+from budget_lab.launch.notify import Listener
 from budget_lab.launch.status import FINAL_STATES, run_status
 from budget_lab.sweep.storage import default_storage, open_storage
 
@@ -527,12 +528,9 @@ class SweepController:
 
     def run(self) -> SweepSummary:
         from budget_lab.ledger import BudgetGuard
-        from budget_lab.sweep import suggest
-        from budget_lab.train.trainer import request_stop_file
 
         study = self._study()
         self._warm_up()
-        self._reattach(study)
         guard = None
         if self.budget_usd is not None:
             guard = BudgetGuard(
@@ -544,7 +542,18 @@ class SweepController:
             # Share this machine's cores between the parallel local jobs.
             per_job = max((os.cpu_count() or 1) // self.spec.slots, 1)
             os.environ["OMP_NUM_THREADS"] = str(per_job)
-        started = self._started(study)
+        with Listener() as wake:  # the jobs launched from here on wake the loop when a row lands
+            self._reattach(study)
+            self._loop(study, guard, self._started(study), wake)
+        if self.stop_reason is None:
+            self.stop_reason = f"all {self.n_trials} trials done"
+        return self.summarize(study)
+
+    def _loop(self, study: optuna.Study, guard, started: int, wake: Listener) -> None:
+        """Follow → refill → budget guard, then wait `poll_s` or until a job notifies."""
+        from budget_lab.sweep import suggest
+        from budget_lab.train.trainer import request_stop_file
+
         next_guard = 0.0
         while True:
             # Follow the running ones: report rungs, prune, tell the ended ones.
@@ -590,11 +599,8 @@ class SweepController:
                     )
                     self._say(self.stop_reason)
             if not self.active and (self.stop_reason is not None or started >= self.n_trials):
-                break
-            time.sleep(self.poll_s)
-        if self.stop_reason is None:
-            self.stop_reason = f"all {self.n_trials} trials done"
-        return self.summarize(study)
+                return
+            wake.wait(self.poll_s)
 
     # -- the end ----------------------------------------------------------------------------------
 
