@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ def test_a_process_started_inside_the_listener_wakes_it(tmp_path):
     with Listener() as wake:
         assert wake.path is not None and os.environ[ENV_VAR] == wake.path
         assert wake.wait(0) == []  # nothing yet: returns at once, empty
+        assert stat.S_IMODE(os.stat(Path(wake.path).parent).st_mode) == 0o700  # this user only
         # A child inherits the variable, as a local job does through submitit.
         code = "from budget_lab.launch.notify import notify; assert notify('runs/x-001')"
         subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -59,7 +59,8 @@ class Listener:
     def __enter__(self) -> Listener:
         self._saved = os.environ.get(ENV_VAR)
         if hasattr(socket, "AF_UNIX"):
-            # A short private folder: a socket path is limited to ~100 bytes, a workspace is not.
+            # A short private folder (mode 0700: only this user can send to it); a socket path is
+            # limited to ~100 bytes, a workspace path is not.
             self._dir = tempfile.mkdtemp(prefix="budget-lab-notify-")
             path = os.path.join(self._dir, "sock")
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
