@@ -617,8 +617,9 @@ def report(args, probe, trials, summary, run_cpu, machine, command, started, clu
         row("Optuna `get_trials` (when a slot is free)", calls(probe, "get_trials")),
         "",
         f"Loop passes: {passes}; controller time per pass outside the per-trial work above: "
-        f"{per_pass * 1000:.1f} ms on average (wall); waiting {sleep:.1f} s of the {run_wall:.1f} s "
-        f"the sweep took; {woken} of the {passes - 1} waits ended early by a job's notification. Controller thread CPU over the whole sweep: {run_cpu:.2f} s, "
+        f"{per_pass * 1000:.1f} ms on average (wall); waiting {sleep:.1f} s of the "
+        f"{run_wall:.1f} s the sweep took; {woken} of the {passes - 1} waits ended early by a "
+        f"job's notification. Controller thread CPU over the whole sweep: {run_cpu:.2f} s, "
         f"{run_cpu / max(n, 1) * 1000:.0f} ms per trial with the polling. Disk flushes from Python "
         f"(atomic writes, the journal; SQLite's are in C and not counted): {len(fsyncs.wall)} "
         f"fsync calls, {_ms(percentile(fsyncs.wall, 50) if fsyncs.wall else 0.0)} ms median "
@@ -663,7 +664,8 @@ def report(args, probe, trials, summary, run_cpu, machine, command, started, clu
         f"it: job start-up {mean(startup):.1f} s ({startup_why}; the start row is written "
         f"before torch is imported), detection {mean(detect):.2f} s (the job's notification "
         f"wakes the loop, else up to one `poll_s`; then the loop pass{detect_why}; passes are "
-        f"sequential, so a slow launch in the same pass delays it too), refill {mean(refill):.2f} s (ask → compose → estimate → launch). With "
+        f"sequential, so a slow launch in the same pass delays it too), refill "
+        f"{mean(refill):.2f} s (ask → compose → estimate → launch). With "
         f"these losses, 95% needs jobs of at least {19 * lost:.0f} s (J / (J + "
         f"{lost:.1f} s) ≥ 0.95).",
         "",

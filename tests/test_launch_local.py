@@ -49,7 +49,7 @@ def test_local_launch_completes_and_status_says_where(train_data_dir, workspace)
     with Listener() as wake:  # what the sweep controller waits on between its polls
         record = launch_run(tiny_cfg(train_data_dir), cluster, workspace, "nano-local")
         st = wait_for(record.run_dir)
-        woken_by = wake.wait(0)
+        woken_by = wake.wait(60)  # at once: the datagram follows the end row by microseconds
     assert st.state == "completed", st.error
     # The job sent its run folder once its end row was written.
     assert [Path(m).resolve() for m in woken_by] == [Path(record.run_dir).resolve()]

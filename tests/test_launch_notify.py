@@ -11,7 +11,8 @@ from pathlib import Path
 from budget_lab.launch.notify import ENV_VAR, Listener, notify
 
 
-def test_a_process_started_inside_the_listener_wakes_it(tmp_path):
+def test_a_process_started_inside_the_listener_wakes_it(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)  # as when no controller started this process
     with Listener() as wake:
         assert wake.path is not None and os.environ[ENV_VAR] == wake.path
         assert wake.wait(0) == []  # nothing yet: returns at once, empty
