@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # test.sh - set up (scripts/setup.sh) and run the whole test suite. Extra args go to pytest.
+# As root the suite starts a local Slurm (tests/slurm_cluster.py) and stops, at its end, the
+# daemons it started; one found running is left running. BUDGET_LAB_KEEP_SLURM=1 keeps it up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -52,7 +53,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="override a cluster field, e.g. --set slurm.partition=spot (repeatable)",
     )
     p.add_argument(
-        "--budget-usd", type=float, default=None, help="refuse if the estimate exceeds it"
+        "--budget-usd",
+        type=float,
+        default=None,
+        help="the run's budget in $: refuse if what it already spent (a relaunch, from the "
+        "ledger) plus the estimate exceeds it; 0 refuses any spend",
     )
     p.add_argument(
         "--dry-run", action="store_true", help="print the plan and estimate; submit nothing"
@@ -109,17 +114,49 @@ def _run_dir(workspace, run: str) -> Path:
     raise UserError(f"no run {run!r}; {hint}")
 
 
+def _check_budget_arg(budget_usd: float | None) -> None:
+    if budget_usd is not None and not (math.isfinite(budget_usd) and budget_usd >= 0):
+        raise UserError(
+            f"--budget-usd={budget_usd:g} is invalid: a budget is a dollar amount >= 0 (0 "
+            "refuses any spend); pass e.g. --budget-usd 50, or leave it out for no budget"
+        )
+
+
+def _run_spend(workspace, name: str):
+    """The ledger, brought up to date with what run `name` already spent (a relaunch: its
+    folder's segments are synced first), and that spend in $. The caller closes the ledger."""
+    from budget_lab.launch import read_launch
+    from budget_lab.launch.cluster import load_cluster
+    from budget_lab.ledger import Ledger, sync_run
+
+    ledger = Ledger.for_workspace(workspace)
+    run_dir = workspace.run_dir(name)
+    record = read_launch(run_dir)
+    if record is not None:
+        try:
+            cluster = load_cluster(record.cluster_file or record.cluster)
+            sync_run(ledger, run_dir, cluster, sacct_wait_s=0.0)
+        except UserError as err:  # the ledger's figure is what there is
+            print(f"warning: could not sync run {name} into the ledger: {err}", file=sys.stderr)
+    return ledger, ledger.spent(run=name)
+
+
 def _launch(args: argparse.Namespace) -> int:
     from budget_lab.config import compose_run
     from budget_lab.launch import Placement, launch_run, run_status
     from budget_lab.launch.cluster import load_cluster
+    from budget_lab.launch.submit import check_run_name
     from budget_lab.workspace import Workspace
 
+    # Mistakes in the arguments first: nothing is read, written or printed before.
+    _check_budget_arg(args.budget_usd)
+    if args.name is not None:
+        check_run_name(args.name)
     workspace = Workspace.from_args(args.workspace)
     cluster = load_cluster(args.cluster, args.cluster_overrides)
     cfg = compose_run(args.recipe, list(args.overrides))
     cfg.data.path = str(Path(cfg.data.path).resolve())  # the job may start elsewhere
-    name = args.name or cfg.name
+    name = check_run_name(args.name or cfg.name)
     nodes, gpus = Placement(args.nodes, args.gpus_per_node).resolve(cluster)
 
     steps = " → ".join(
@@ -136,7 +173,20 @@ def _launch(args: argparse.Namespace) -> int:
 
     estimate = estimate_run(cfg, cluster, workspace, nodes=nodes, gpus_per_node=gpus)
     print(format_estimate(estimate, cfg=cfg, cluster=cluster))
-    check_budget(workspace, estimate, budget_usd=args.budget_usd)
+    if args.budget_usd is None:
+        check_budget(workspace, estimate, budget_usd=None)  # the monthly budget, if any
+    else:
+        # A relaunch resumes the run: its budget counts what the run already spent.
+        ledger, spent = _run_spend(workspace, name)
+        try:
+            left = max(args.budget_usd - spent, 0.0)
+            print(
+                f"budget   ${args.budget_usd:.4f} for run {name}: ${spent:.4f} already spent "
+                f"(ledger), ${left:.4f} left, estimate ${estimate.usd:.4f}"
+            )
+            check_budget(workspace, estimate, budget_usd=args.budget_usd, run=name, ledger=ledger)
+        finally:
+            ledger.close()
     if args.dry_run:
         print("dry run: nothing submitted")
         return 0
@@ -165,9 +215,41 @@ def _launch(args: argparse.Namespace) -> int:
     return 0
 
 
+# `budget-lab status` columns, in the order shown; the first two are never cut or dropped.
+_STATUS_COLUMNS = ("run", "state", "cluster", "job", "phase", "step", "segments", "sweep/trial")
+# Which columns go first when the terminal is too narrow for all of them.
+_STATUS_DROP_ORDER = ("segments", "job", "cluster", "sweep/trial", "step", "phase")
+
+
+def _runs_table(rows: list[dict[str, str]], width: int, title: str):
+    """The runs as a rich Table that fits `width` columns: run names and states whole (folded
+    onto a second line only when they alone are wider than the terminal), lesser columns
+    dropped (named in the caption) rather than cut."""
+    from rich.table import Table
+
+    def need(col: str) -> int:  # characters, padding and left border
+        return max([len(col), *(len(r[col]) for r in rows)]) + 3
+
+    shown = list(_STATUS_COLUMNS)
+    for col in _STATUS_DROP_ORDER:
+        if sum(need(c) for c in shown) + 1 <= width:
+            break
+        shown.remove(col)
+    dropped = [c for c in _STATUS_COLUMNS if c not in shown]
+    caption = f"left out for width: {', '.join(dropped)}" if dropped else None
+    table = Table(title=title, caption=caption)
+    for col in shown:
+        if col in ("run", "state"):
+            table.add_column(col, overflow="fold", min_width=min(need(col) - 3, width // 3))
+        else:
+            table.add_column(col, no_wrap=True)
+    for r in rows:
+        table.add_row(*(r[c] for c in shown))
+    return table
+
+
 def _status(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.table import Table
 
     from budget_lab.launch.status import list_runs, run_status
     from budget_lab.workspace import Workspace
@@ -179,12 +261,10 @@ def _status(args: argparse.Namespace) -> int:
         if not runs:
             print(f"no runs in {workspace.runs_dir} (launch one with `budget-lab launch`)")
             return 0
-        table = Table(title=f"runs in {workspace.runs_dir}")
-        for col in ("run", "state", "cluster", "job", "phase", "step", "segments", "sweep/trial"):
-            table.add_column(col)
+        rows = []
         for run_dir in runs:
             st = run_status(run_dir)
-            table.add_row(
+            cells = (
                 st.run,
                 st.state,
                 st.cluster or "-",
@@ -194,7 +274,8 @@ def _status(args: argparse.Namespace) -> int:
                 str(len(st.segments)),
                 f"{st.sweep}/{st.trial}" if st.sweep else "-",
             )
-        console.print(table)
+            rows.append(dict(zip(_STATUS_COLUMNS, cells, strict=True)))
+        console.print(_runs_table(rows, console.width, f"runs in {workspace.runs_dir}"))
         return 0
     st = run_status(_run_dir(workspace, args.run))
     print(f"run        {st.run}  ({st.run_dir})")

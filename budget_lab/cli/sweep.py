@@ -81,6 +81,12 @@ def _sweep(args: argparse.Namespace) -> int:
         spec = replace(spec, slots=args.slots)
     if args.trials is not None and args.trials < 1:
         raise ConfigError(f"--trials={args.trials} is invalid: expected >= 1")
+    if args.budget_usd is not None and not (0 <= args.budget_usd < float("inf")):
+        raise ConfigError(
+            f"--budget-usd={args.budget_usd:g} is invalid: a budget is a dollar amount >= 0 (0 "
+            "refuses any spend); pass e.g. --budget-usd 50, or leave it out for the sweep's"
+        )
+    budget = args.budget_usd if args.budget_usd is not None else spec.budget_usd
     workspace = Workspace.from_args(args.workspace).ensure()
     cluster = load_cluster(args.cluster or spec.cluster)
     overrides = list(args.overrides)
@@ -105,11 +111,7 @@ def _sweep(args: argparse.Namespace) -> int:
     print(
         f"sweep {spec.name}: objective {spec.objective}, {args.trials or spec.n_trials} trials, "
         f"{spec.slots} slot(s) on {cluster.name}, budget "
-        + (
-            f"${(args.budget_usd or spec.budget_usd):.4f}"
-            if (args.budget_usd or spec.budget_usd)
-            else "none"
-        )
+        + (f"${budget:.4f}" if budget is not None else "none")
     )
     controller = SweepController(
         spec,

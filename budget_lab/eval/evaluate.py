@@ -43,7 +43,9 @@ def load_run_model(run_dir: str | os.PathLike[str], untrained: bool = False, ema
     net = MicroDiT(model_config(cfg))
     if untrained:
         return cfg, net, None
-    loaded = CheckpointStore(run_dir / "checkpoints").load_latest()
+    # Weights only (a planted pickle is refused, CheckpointError), and as a reader: a torn latest
+    # is skipped with a warning but left in place for the run's own trainer to deal with.
+    loaded = CheckpointStore(run_dir / "checkpoints").load_latest(quarantine=False)
     if loaded is None:
         raise UserError(f"{run_dir} has no checkpoint yet; train it first (or use --untrained)")
     ckpt, path = loaded

@@ -70,6 +70,7 @@ _FIRST_CLASS_SBATCH = {
 }
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")  # line breaks, tabs and other control characters
 
 
 def _check(ok: bool, name: str, value: Any, valid: str) -> None:
@@ -151,6 +152,19 @@ class SlurmConfig:
         for name in ("cpus_per_task", "mem_gb"):
             v = getattr(self, name)
             _check(v is None or v >= 1, f"slurm.{name}", v, "expected >= 1 or null")
+        # Each of these becomes an `#SBATCH --key=value` line: a line break would end it there
+        # and start a line of its own (another option, or a command).
+        one_line = {f"slurm.{k}": getattr(self, k) for k in ("partition", "account", "qos")}
+        one_line["slurm.constraint"] = self.constraint
+        for key, value in self.additional.items():
+            one_line[f"slurm.additional.{key}"] = f"{key}={value}"
+        for name, value in one_line.items():
+            _check(
+                value is None or not _CONTROL_RE.search(str(value)),
+                name,
+                value,
+                "expected one line without control characters (it becomes an #SBATCH option)",
+            )
         for key in self.additional:
             own = _FIRST_CLASS_SBATCH.get(key.replace("-", "_"))
             _check(

@@ -19,6 +19,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,9 +66,18 @@ def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def segment_rows(run_dir: Path) -> list[dict[str, Any]]:
+def segment_rows(
+    run_dir: Path, live: Callable[[dict[str, Any], bool], bool] | None = None
+) -> list[dict[str, Any]]:
     """One dict per time the job ran: {"attempt", "job_id", "start", "end" (None while running or
-    after a hard kill), "status", "host", "pid", "devices"}, from segments.jsonl."""
+    after a hard kill), "status", "host", "pid", "devices"}, from segments.jsonl.
+
+    `live(segment, is_last)` says whether a segment without an end row still runs. Given, a
+    segment that does not was killed hard: it ends at its last sign of life, the ledger's rule
+    (budget_lab.ledger.sync): the latest metrics or checkpoint row, or result.json update, between
+    its start and the next segment's start, else its start; its status is "killed". Without
+    `live`, such a segment keeps end None."""
+    run_dir = Path(run_dir)
     segments: dict[int, dict[str, Any]] = {}
     for row in read_jsonl(run_dir / "segments.jsonl"):
         seg = segments.setdefault(row["attempt"], {"attempt": row["attempt"], "end": None})
@@ -82,7 +92,27 @@ def segment_rows(run_dir: Path) -> list[dict[str, Any]]:
             )
         else:
             seg.update(end=row["time"], status=row["status"])
-    return [segments[k] for k in sorted(segments) if "start" in segments[k]]
+    rows = [segments[k] for k in sorted(segments) if "start" in segments[k]]
+    last = len(rows) - 1
+    dead = [i for i, s in enumerate(rows) if s["end"] is None and live and not live(s, i == last)]
+    if dead:  # read only when needed: metrics.jsonl grows with every step
+        life = [
+            float(r["time"])
+            for name in ("metrics.jsonl", "checkpoints.jsonl")
+            for r in read_jsonl(run_dir / name)
+            if isinstance(r, dict) and "time" in r
+        ]
+        result = run_dir / "result.json"
+        try:
+            life.append(float(json.loads(result.read_text())["updated_at"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        for i in dead:
+            seg = rows[i]
+            until = rows[i + 1]["start"] if i + 1 < len(rows) else float("inf")
+            seen = [t for t in life if seg["start"] <= t < until]
+            seg.update(end=max(seen, default=seg["start"]), status="killed")
+    return rows
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -124,10 +154,36 @@ class TrainJob(submitit.helpers.Checkpointable):
     # -- cost so far ----------------------------------------------------------------------------
 
     def spent_usd(self, now: float | None = None) -> dict[str, float]:
-        """This run's spend by its own clock: every earlier segment plus this one so far."""
+        """This run's spend by its own clock: every earlier segment plus this one so far.
+
+        In the job, the last segment is this one (running); an earlier one without an end row
+        was killed hard and counts until its last sign of life, as in the ledger. Outside a job,
+        a segment without an end row runs until now only while its process is alive here."""
         now = time.time() if now is None else now
-        seconds = 0.0
-        for seg in segment_rows(Path(self.run_dir)):
+        run_dir = Path(self.run_dir)
+        in_job = getattr(self, "_attempt", None) is not None
+        if in_job:
+
+            def live(seg: dict[str, Any], last: bool) -> bool:
+                return last
+        else:
+            from budget_lab.launch.status import segment_alive
+
+            def live(seg: dict[str, Any], last: bool) -> bool:
+                return segment_alive(seg)
+
+        rows = segment_rows(run_dir)
+        # Earlier segments are over: summed once per job (finding a dead one's end reads
+        # metrics.jsonl, which grows with every step), then only this one is timed.
+        cached = self.__dict__.get("_spent_before")
+        if in_job and cached is not None and cached[0] == len(rows):
+            seconds, rows = cached[1], rows[-1:]
+        else:
+            rows, seconds = segment_rows(run_dir, live), 0.0
+            if in_job and rows:
+                before = sum(max(s["end"] - s["start"], 0.0) * s["devices"] for s in rows[:-1])
+                self._spent_before = (len(rows), before)
+        for seg in rows:
             end = seg["end"] if seg["end"] is not None else now
             seconds += max(end - seg["start"], 0.0) * seg["devices"]
         hours = seconds / 3600

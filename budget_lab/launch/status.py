@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ __all__ = [
     "tail",
     "list_runs",
     "FINAL_STATES",
+    "segment_alive",
 ]
 
 #: States after which a run does nothing more (until it is launched again).
@@ -143,6 +145,14 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def segment_alive(seg: dict[str, Any]) -> bool:
+    """Whether the process of a segment without an end row still runs: its pid is alive on this
+    host (the ledger's test, budget_lab.ledger.sync; the local executor runs jobs here)."""
+    if seg.get("host") != socket.gethostname():
+        return False
+    return isinstance(seg.get("pid"), int) and _pid_alive(seg["pid"])
+
+
 def _submitit_outcome(record: LaunchRecord, job_id: str) -> tuple[str, str] | None:
     """('success'|'error', detail) from submitit's result pickle, if the job wrote one."""
     from submitit.core.utils import JobPaths, pickle_load
@@ -163,14 +173,7 @@ def run_status(run_dir: str | os.PathLike[str], scheduler: bool = True) -> RunSt
     record = read_launch(run_dir)
     result_path = run_dir / "result.json"
     result = json.loads(result_path.read_text()) if result_path.is_file() else None
-    segments = segment_rows(run_dir)
-    metrics = read_jsonl(run_dir / "metrics.jsonl")
     status = RunStatus(run=run_dir.name, run_dir=str(run_dir), state="unknown", result=result)
-    if metrics:
-        status.phase, status.step = metrics[-1].get("phase"), metrics[-1].get("step")
-    if result is not None:
-        status.step = result.get("global_step", status.step)
-    status.segments = segments
     job_id, sched = None, None
     if record is not None:
         status.cluster, status.executor = record.cluster, record.executor
@@ -178,6 +181,15 @@ def run_status(run_dir: str | os.PathLike[str], scheduler: bool = True) -> RunSt
         job_id, sched = _current_job(record, ask=scheduler)
         out, err = log_paths(record, job_id)
         status.stdout, status.stderr = str(out), str(err)
+    # A segment without an end row whose job is gone was killed hard: it ends at its last sign
+    # of life (as in the ledger), never "running" forever.
+    segments = segment_rows(run_dir, live=_segment_live(record, sched))
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    if metrics:
+        status.phase, status.step = metrics[-1].get("phase"), metrics[-1].get("step")
+    if result is not None:
+        status.step = result.get("global_step", status.step)
+    status.segments = segments
 
     written = (result or {}).get("status")
     if (
@@ -217,7 +229,7 @@ def run_status(run_dir: str | os.PathLike[str], scheduler: bool = True) -> RunSt
             status.state = "running" if written == "running" else "queued"
     else:
         last = segments[-1] if segments else None
-        if last is not None and last["end"] is None and _pid_alive(int(last["pid"])):
+        if last is not None and last["end"] is None:  # its process is alive (else it is closed)
             status.state = "running"
         elif last is not None and last["status"] == "preempted":
             # The local controller requeues in place; give it a moment before calling it over.
@@ -235,6 +247,15 @@ def run_status(run_dir: str | os.PathLike[str], scheduler: bool = True) -> RunSt
             Path(status.stderr or "")
         )
     return status
+
+
+def _segment_live(record: LaunchRecord | None, sched: str | None):
+    """`segment_rows`'s test of whether a segment without an end row still runs. Slurm: only the
+    last one, while the scheduler says the job runs (or was not asked); else its process here."""
+    if record is not None and record.executor == "slurm":
+        running = sched is None or _SLURM.get(sched) == "running"
+        return lambda seg, last: last and running
+    return lambda seg, last: segment_alive(seg)
 
 
 def _job_still_busy(

@@ -9,7 +9,10 @@ Every launch gets a fresh submitit folder under `workspace/jobs/<launch-id>/`: j
 from __future__ import annotations
 
 import os
+import re
 import secrets
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +24,7 @@ from budget_lab.io import atomic_write_json
 __all__ = [
     "LaunchRecord",
     "Placement",
+    "check_run_name",
     "launch_run",
     "launch_runs",
     "make_executor",
@@ -29,6 +33,26 @@ __all__ = [
 ]
 
 LAUNCH_FILE = "launch.json"
+RUN_NAME_MAX = 100  # characters; a run name is a folder name, a Slurm job name, a ledger key
+_RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_run_name(name: str) -> str:
+    """`name` if it can name a run: letters, digits, '.', '_', '-', starting with a letter or a
+    digit, at most RUN_NAME_MAX characters. Else a UserError: a name such as `../x` would put the
+    run folder outside workspace/runs, and a newline would reach the #SBATCH lines."""
+    if (
+        not isinstance(name, str)
+        or len(name) > RUN_NAME_MAX
+        or _RUN_NAME_RE.fullmatch(name) is None
+    ):
+        what = f"{len(name)} characters" if isinstance(name, str) else type(name).__name__
+        raise UserError(
+            f"run name {name!r} is invalid ({what}): use 1-{RUN_NAME_MAX} letters, digits, '.', "
+            "'_' or '-', starting with a letter or a digit (it names the folder "
+            "workspace/runs/NAME and the Slurm job); e.g. --name nano-r075"
+        )
+    return name
 
 
 @dataclass
@@ -83,7 +107,7 @@ def make_executor(cluster, folder: Path, nodes: int, gpus_per_node: int, name: s
 
     tasks = max(gpus_per_node, 1)
     if cluster.executor == "local":
-        executor = submitit.LocalExecutor(folder=folder)
+        executor = _session_local_executor()(folder=folder)
         executor.update_parameters(
             timeout_min=cluster.time_limit_min,
             tasks_per_node=tasks,
@@ -124,6 +148,53 @@ def make_executor(cluster, folder: Path, nodes: int, gpus_per_node: int, name: s
         params["slurm_setup"] = list(slurm.setup)
     executor.update_parameters(**params)
     return executor
+
+
+def _session_local_executor() -> type:
+    """submitit's LocalExecutor, whose job controllers (and so their tasks) start in a session of
+    their own. Otherwise they share the launching terminal's process group: Ctrl-C on a
+    `budget-lab sweep` or `launch --wait` would kill the running jobs, and closing the terminal
+    would hang them up. Only the launcher stops; its jobs run on, and are re-attached later."""
+    import submitit
+    from submitit.local import local
+
+    class SessionLocalExecutor(submitit.LocalExecutor):
+        def _submit_command(self, command: str):
+            # submitit.local.local.LocalExecutor._submit_command and start_controller, but the
+            # controller process starts with start_new_session=True.
+            params = self.parameters
+            ntasks = params.get("tasks_per_node", 1)
+            n_gpus = params.get("gpus_per_node", 0)
+            visible = params.get("visible_gpus", ())
+            gpus = range(n_gpus) if visible == () else visible[:n_gpus]
+            setup = params.get("setup", ())
+            env = dict(os.environ)
+            env.update(
+                SUBMITIT_LOCAL_NTASKS=str(ntasks),
+                SUBMITIT_LOCAL_COMMAND=command,
+                SUBMITIT_LOCAL_TIMEOUT_S=str(int(60 * params.get("timeout_min", 2.0))),
+                SUBMITIT_LOCAL_SIGNAL_DELAY_S=str(int(params.get("signal_delay_s", 30))),
+                SUBMITIT_LOCAL_NODEID="0",
+                SUBMITIT_LOCAL_JOB_NUM_NODES="1",
+                SUBMITIT_STDERR_TO_STDOUT="1" if params.get("stderr_to_stdout", False) else "",
+                SUBMITIT_EXECUTOR="local",
+                CUDA_VISIBLE_DEVICES=",".join(str(k) for k in gpus),
+                SUBMITIT_LOCAL_WITH_SHELL="1" if setup else "",
+            )
+            cmd: Any = [sys.executable, "-m", "submitit.local._local", str(self.folder)]
+            if setup:
+                import shlex
+
+                cmd = " && ".join([*setup, shlex.join(cmd)])
+            process = subprocess.Popen(cmd, shell=bool(setup), env=env, start_new_session=True)
+            return local.LocalJob(
+                folder=self.folder,
+                job_id=str(process.pid),
+                process=process,
+                tasks=list(range(ntasks)),
+            )
+
+    return SessionLocalExecutor
 
 
 def _job_for(cfg_dict, run_dir, cluster, nodes, gpus, eval_plan, stop_after_phase=None):
@@ -203,6 +274,8 @@ def launch_runs(
             f"{cluster.name!r} has executor {cluster.executor!r}); on this machine the phases "
             "run one after the other in one job: drop --phase-jobs"
         )
+    for name, _ in runs:
+        check_run_name(name)
     placement = placement or Placement()
     nodes, gpus = placement.resolve(cluster)
     launch_id = new_launch_id()

@@ -20,6 +20,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -89,6 +90,7 @@ class Trainer:
         # Set by the job wrapper: returns the run's spend so far ({"cost_usd", "gpu_hours"},
         # previous segments included) so metrics and W&B carry cost as a monotonic axis.
         self.cost_fn = cost_fn
+        self._cost_warned = False
         # Called after every optimizer step (after any checkpoint) with {"state", "phase",
         # "phase_done", "last_phase", "model" (EMA weights if any), "device"}: sweep jobs use it to
         # measure FID at dollar rungs. Main process only.
@@ -182,7 +184,14 @@ class Trainer:
             "train_seconds": 0.0,
         }
         phase_states: dict[str, Any] | None = None
-        loaded = self.store.load_latest(map_location="cpu")
+        if main:  # what a save killed mid-write left (a checkpoint's size each)
+            self.store.remove_temp_files()
+        try:
+            loaded = self.store.load_latest(map_location="cpu")
+        except Exception as err:  # unreadable or refused: say so in result.json, start nothing
+            error = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
+            self._result(status="failed", error=error)
+            raise
         segment = 0
         if loaded is not None:
             ckpt, ckpt_path = loaded
@@ -204,25 +213,32 @@ class Trainer:
                 )
         self._result(status="running", segment=segment, started_at=time.time())
 
-        precond = EDMPrecond(net, self.edm_cfg.sigma_data)
-        precond = accelerator.prepare_model(precond)
-        step_fn = torch.compile(precond) if cfg.compile else precond
-        moe_names = set(net.moe_parameter_names())
-        total_steps = sum(p.steps for p in cfg.phases)
-
-        wandb_run = self._init_wandb(segment) if (cfg.wandb.enabled and main) else None
-        old_handlers = self._install_signal_handlers()
-        metrics_file = open(self.run_dir / "metrics.jsonl", "a") if main else None
-        bar = None
-        if main and self.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(
-                total=total_steps, initial=state["global_step"], unit="step", dynamic_ncols=True
-            )
+        # From here on, whatever happens ends in result.json (completed, failed, ...).
         status = "completed"
         cut_reason: str | None = None
+        wandb_run = None
+        old_handlers: dict[int, Any] = {}
+        metrics_file = None
+        bar = None
         try:
+            precond = EDMPrecond(net, self.edm_cfg.sigma_data)
+            precond = accelerator.prepare_model(precond)
+            step_fn = torch.compile(precond) if cfg.compile else precond
+            moe_names = set(net.moe_parameter_names())
+            total_steps = sum(p.steps for p in cfg.phases)
+
+            wandb_run = self._init_wandb(segment) if (cfg.wandb.enabled and main) else None
+            old_handlers = self._install_signal_handlers()
+            metrics_file = open(self.run_dir / "metrics.jsonl", "a") if main else None
+            if main and self.progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(
+                    total=total_steps,
+                    initial=state["global_step"],
+                    unit="step",
+                    dynamic_ncols=True,
+                )
             if self.stop_after_phase is not None and state["phase"] > self.stop_after_phase:
                 return self._result(  # this phase's job ran already (e.g. a requeued duplicate)
                     status="phase-completed", completed_phase=self.stop_after_phase, **state
@@ -386,7 +402,7 @@ class Trainer:
                             "time": time.time(),
                         }
                         if self.cost_fn is not None:
-                            row.update(self.cost_fn())
+                            row.update(self._cost())
                         if metrics_file is not None:
                             metrics_file.write(json.dumps(row) + "\n")
                             metrics_file.flush()
@@ -447,7 +463,7 @@ class Trainer:
                         extra = {} if cut_reason is None else {"cut_reason": cut_reason}
                         return self._result(status=status, **extra, **state)
 
-                # End of phase: a sample grid from the EMA weights.
+                # End of phase: a sample grid from the EMA weights (cosmetic: never fails a run).
                 if main and cfg.eval.grid_size > 0:
                     self._sample_grid(ema.module if ema is not None else net, phase, device)
                 phase_states = None
@@ -468,7 +484,7 @@ class Trainer:
                 metrics_file.close()
             self._restore_signal_handlers(old_handlers)
             if wandb_run is not None:
-                wandb_run.finish()
+                wandb_run.finish()  # a SafeRun: never raises
 
     # -- pieces ------------------------------------------------------------------------------------------
 
@@ -501,20 +517,48 @@ class Trainer:
         )
 
     def _sample_grid(self, net: MicroDiT, phase: PhaseConfig, device: torch.device) -> None:
+        """The phase's sample grid; any failure (a validation split smaller than the grid, no
+        split at all, a full disk) is a warning, never a failed run."""
         from budget_lab.eval.sampling import sample_grid_for_run
 
-        sample_grid_for_run(
-            net,
-            self.cfg,
-            self.edm_cfg,
-            self.run_dir / "samples" / f"{self.cfg.phases.index(phase):02d}-{phase.name}.png",
-            device=device,
-        )
+        path = self.run_dir / "samples" / f"{self.cfg.phases.index(phase):02d}-{phase.name}.png"
+        was_training = net.training
+        try:
+            sample_grid_for_run(net, self.cfg, self.edm_cfg, path, device=device)
+        except Exception as err:  # noqa: BLE001 - cosmetic
+            warnings.warn(
+                f"no sample grid for phase {phase.name!r} ({type(err).__name__}: {err}); "
+                "training goes on",
+                stacklevel=2,
+            )
+        finally:
+            net.train(was_training)
+
+    def _cost(self) -> dict[str, float]:
+        """The spend so far from `cost_fn`, or nothing (with one warning) when it fails: a metric,
+        never a reason to fail a run."""
+        try:
+            return self.cost_fn()
+        except Exception as err:  # noqa: BLE001
+            if not self._cost_warned:
+                self._cost_warned = True
+                warnings.warn(
+                    f"cost_fn failed ({type(err).__name__}: {err}); metrics go on without cost",
+                    stacklevel=2,
+                )
+            return {}
 
     def _init_wandb(self, segment: int):
-        from budget_lab.report.wandb_log import init_wandb_run
+        """A W&B run that never raises (`SafeRun`), or None: W&B never fails training."""
+        try:
+            from budget_lab.report.wandb_log import init_wandb_run
 
-        return init_wandb_run(self.cfg, self.run_dir, segment)
+            return init_wandb_run(self.cfg, self.run_dir, segment)
+        except Exception as err:  # noqa: BLE001
+            warnings.warn(
+                f"W&B could not start ({err!r}); training goes on without it", stacklevel=2
+            )
+            return None
 
     def _sync_requests(self, accelerator) -> None:
         flags = torch.tensor(
