@@ -40,6 +40,16 @@ def test_eval_trained_and_untrained(train_data_dir, tiny_clip_dir, tmp_path, cap
     assert untrained["clip_score"] is None  # no CLIP model configured
     assert (run / "samples" / "eval-trained.png").is_file()
     # the reference statistics are cached beside the data and reused
-    assert list(train_data_dir.glob("fid-ref-32-16.npz"))
+    assert list(train_data_dir.glob("fid-ref-32-val-16.npz"))
+    assert list(train_data_dir.glob("fid-ref-32-val-16-features.npy"))
+    # every score is a measurement: an interval around it, its N, KID with its spread, and
+    # (built-in data) the text alignment with its interval
+    for r in (trained, untrained):
+        lo, hi = r["fid_ci95"]
+        assert lo < r["fid"] < hi and r["fid_se"] > 0 and r["fid_method"].startswith("jackknife")
+        assert r["kid_std"] > 0 and r["kid_subset_size"] == 8
+        a_lo, a_hi = r["alignment_ci95"]
+        assert 0 <= a_lo <= r["alignment"] <= a_hi <= 1
+        assert set(r["alignment_attributes"]) >= {"color", "shape", "background"}
     out = capsys.readouterr().out
     assert '"fid"' in out

@@ -156,6 +156,7 @@ def write_sweep_outputs(
             "spent_usd": summary.spent_usd,
             "pareto": summary.pareto,
             "best": summary.best,
+            **_decision(summary),
             "storage": summary.study_storage,
             "cluster": controller.cluster.name,
             "updated_at": time.time(),
@@ -163,7 +164,8 @@ def write_sweep_outputs(
     )
     data = load_report_data(workspace, spec.name, storage=summary.study_storage)
     path = folder / "summary.json"
-    path.write_text(report_data_to_json(data))
+    merged = {**json.loads(report_data_to_json(data)), **_decision(summary)}
+    atomic_write_json(path, merged)
     summary.summary_path = str(path)
     if report:
         from budget_lab.report.html import write_html_report
@@ -179,38 +181,80 @@ def write_sweep_outputs(
             run.finish()
 
 
+def _decision(summary) -> dict:
+    """What the sweep decided, as plain data (sweep.json, summary.json)."""
+    return {
+        "verdict": summary.verdict,
+        "configs": summary.configs,
+        "tied_with_best": summary.tied,
+        "tiers": summary.tiers,
+        "front": summary.front,
+        "indistinguishable": summary.indistinguishable,
+        "separates": len(summary.tiers) >= 2,
+    }
+
+
+def _usd(x: float) -> str:
+    """Dollars with enough digits for sub-cent trials: $0.0042, $0.000137, $12.34."""
+    if x == 0 or abs(x) >= 0.01:
+        return f"${x:,.4f}" if abs(x) < 100 else f"${x:,.2f}"
+    return f"${x:.3g}"
+
+
+def _interval(t: dict, name: str, digits: int) -> str:
+    if t.get(name) is None:
+        return "-"
+    ci = t.get(f"{name}_ci95")
+    if not ci:
+        return f"{t[name]:.{digits}f}"
+    return f"{t[name]:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
 def _print_summary(summary, seconds: float) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
+    n = next((t["fid_n"] for t in summary.trials if t.get("fid_n")), None)
     table = Table(title=f"sweep {summary.sweep} ({summary.objective})")
-    for col in ("trial", "state", "params", "FID", "$", "pareto"):
+    columns = ("trial", "state", "params", f"FID [95% CI], N={n}", "KID ± std", "align [95% CI]")
+    for col in (*columns, "$", "front"):
         table.add_column(col)
     for t in summary.trials:
         params = ", ".join(
             f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items()
         )
+        kid = f"{t['kid']:.4f} ± {t['kid_std']:.4f}" if t.get("kid") is not None else "-"
         table.add_row(
             str(t["number"]),
             t["state"],
             params,
-            f"{t['fid']:.1f}" if t["fid"] is not None else "-",
-            f"{t['cost_usd']:.4f}",
+            _interval(t, "fid", 1),
+            kid,
+            _interval(t, "alignment", 2),
+            _usd(t["cost_usd"]),
             "★" if t["number"] in summary.pareto else "",
         )
     console.print(table)
     print(f"stopped: {summary.stop_reason}")
     print(
-        f"spent:   ${summary.spent_usd:.4f}"
-        + (f" of ${summary.budget_usd:.4f}" if summary.budget_usd else "")
+        f"spent:   {_usd(summary.spent_usd)}"
+        + (f" of {_usd(summary.budget_usd)}" if summary.budget_usd is not None else "")
     )
-    if summary.best:
-        b = summary.best
-        print(
-            f"best:    trial {b['number']} FID {b['fid']:.1f} at ${b['cost_usd']:.4f}: {json.dumps(b['params'])}"
-        )
-    print(f"pareto front (FID vs $): trials {summary.pareto}")
+    if summary.configs and any(len(c["trials"]) > 1 for c in summary.configs):
+        print("configurations (mean over repeats):")
+        for c in summary.configs:
+            f = c["fid"]
+            print(
+                f"  {c['key']}: FID {f['value']:.1f} [{f['lo']:.1f}, {f['hi']:.1f}] "
+                f"({f['method']}), {_usd(c['cost_usd'])} per trial, trials {c['trials']}"
+            )
+    if summary.verdict:
+        print("verdict:")
+        for line in summary.verdict.splitlines():
+            print(f"  {line}")
+    if summary.objective == "pareto":
+        print(f"front (FID vs $, noise-aware): trials {summary.pareto}")
     print(f"study:   {summary.study_storage}")
     if summary.report_path:
         print(f"report:  {summary.report_path}")

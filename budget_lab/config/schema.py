@@ -119,9 +119,36 @@ class EvalConfig:
     clip_model: str | None = (
         None  # CLIP hub id or local folder: adds a CLIP score to eval; None = off
     )
+    reference_samples: int | None = None  # FID/KID reference images; None = the whole val split
+    interval: str = "jackknife"  # FID interval: jackknife (accurate se) or bootstrap
+    resamples: int = 20  # jackknife groups (or bootstrap draws, ~500) for the FID interval
+    confidence: float = 0.95  # of every interval (FID, alignment)
+    kid_subsets: int = 50  # random subsets for KID's mean and std
+    alignment: str = "auto"  # text alignment on the built-in data: auto (when captions parse), on, off
 
     def __post_init__(self) -> None:
-        _check(self.fid_samples >= 2, "eval.fid_samples", self.fid_samples, "expected >= 2")
+        _check(self.fid_samples >= 4, "eval.fid_samples", self.fid_samples, "expected >= 4")
+        _check(
+            self.reference_samples is None or self.reference_samples >= 4,
+            "eval.reference_samples",
+            self.reference_samples,
+            "expected >= 4, or null for the whole validation split",
+        )
+        _check(
+            self.interval in ("jackknife", "bootstrap"),
+            "eval.interval",
+            self.interval,
+            "expected jackknife or bootstrap",
+        )
+        _check(self.resamples >= 2, "eval.resamples", self.resamples, "expected >= 2")
+        _check(0 < self.confidence < 1, "eval.confidence", self.confidence, "expected (0, 1)")
+        _check(self.kid_subsets >= 1, "eval.kid_subsets", self.kid_subsets, "expected >= 1")
+        _check(
+            self.alignment in ("auto", "on", "off"),
+            "eval.alignment",
+            self.alignment,
+            "expected auto, on or off",
+        )
         _check(self.sampler_steps >= 1, "eval.sampler_steps", self.sampler_steps, "expected >= 1")
         _check(self.cfg_scale >= 0, "eval.cfg_scale", self.cfg_scale, "expected >= 0")
         _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "expected >= 1")

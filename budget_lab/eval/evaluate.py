@@ -14,19 +14,23 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torch import Tensor
 
 from budget_lab.config import edm_config, model_config, run_config_from_dict
 from budget_lab.data.loader import load_manifest
 from budget_lab.errors import DataError, UserError
-from budget_lab.eval.fid import FIDEvaluator
+from budget_lab.eval.alignment import AlignmentScorer, alignment_score, parse_caption
+from budget_lab.eval.fid import FIDEvaluator, ReferenceStats
 from budget_lab.eval.grid import save_grid
 from budget_lab.eval.sampling import generate_images, image_decoder, real_images, val_batches
-from budget_lab.io import atomic_write_json, yaml_load
+from budget_lab.eval.stats import fid_measurement, kid_measurement
+from budget_lab.io import atomic_write, atomic_write_json, yaml_load
 from budget_lab.train.checkpoint import CheckpointStore
 from model.microdit import MicroDiT
 
-__all__ = ["evaluate_run", "load_run_model", "score_model"]
+__all__ = ["evaluate_run", "load_run_model", "prepare_references", "score_model"]
 
 
 def load_run_model(run_dir: str | os.PathLike[str], untrained: bool = False, ema: bool = True):
@@ -59,6 +63,60 @@ def load_run_model(run_dir: str | os.PathLike[str], untrained: bool = False, ema
     return cfg, net, path
 
 
+def _reference(
+    evaluator: FIDEvaluator, data_dir: Path, n_ref: int, res: int, split: str
+) -> tuple[ReferenceStats, Tensor]:
+    """Reference statistics and features of the first `n_ref` images of the split, cached beside
+    the data per resolution, count and feature extractor (fid-ref-*.npz + *-features.npy)."""
+    manifest = load_manifest(data_dir)
+    stem = f"fid-ref-{res}-{split}-{n_ref}"
+    stats_path, feats_path = data_dir / f"{stem}.npz", data_dir / f"{stem}-features.npy"
+    key = f"{manifest.root.resolve()}:{res}:{split}:{n_ref}"
+    if stats_path.is_file() and feats_path.is_file():
+        try:
+            stats = evaluator.reference_stats(None, cache_path=stats_path, key=key)
+            feats = torch.from_numpy(np.load(feats_path, allow_pickle=False))
+            if feats.shape == (n_ref, stats.mu.shape[0]):
+                return stats, feats
+        except (UserError, DataError, ValueError, OSError):
+            pass  # recomputed below
+    feats = evaluator.features(real_images(data_dir, n_ref, resolution=res))
+    mu = feats.mean(0).numpy()
+    sigma = np.cov(feats.numpy(), rowvar=False)
+    stats = ReferenceStats(mu, sigma, n_ref, key, evaluator.fingerprint)
+    evaluator.load_reference(stats)
+    stats.save(stats_path)
+    atomic_write(feats_path, lambda fh: np.save(fh, feats.numpy().astype(np.float32)))
+    return stats, feats
+
+
+def prepare_references(cfg, device: torch.device | str | None = None) -> dict[str, Any]:
+    """Compute once what every score of runs on this data shares, so that no trial pays for it:
+    the FID/KID reference statistics and features of the validation split, and (built-in data)
+    the alignment reader. Returns {"num_reference", "alignment", "seconds"}."""
+    t0 = time.time()
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    data_dir = Path(cfg.data.path)
+    manifest = load_manifest(data_dir)
+    res = cfg.phases[-1].resolution
+    info = manifest.resolution(res)
+    split = "val" if "val" in info.splits else "train"
+    n_ref = min(cfg.eval.reference_samples or info.splits[split].count, info.splits[split].count)
+    _reference(FIDEvaluator(device=dev, batch_size=100), data_dir, n_ref, info.resolution, split)
+    alignment = False
+    if cfg.eval.alignment != "off":
+        texts = next(val_batches(data_dir, 8, res))["text"]
+        try:
+            for text in texts:
+                parse_caption(text)
+            AlignmentScorer(data_dir)
+            alignment = True
+        except DataError:
+            if cfg.eval.alignment == "on":
+                raise
+    return {"num_reference": n_ref, "alignment": alignment, "seconds": time.time() - t0}
+
+
 def score_model(
     net,
     cfg,
@@ -69,10 +127,14 @@ def score_model(
     device: torch.device | str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Real Inception FID of a model (a MicroDiT, e.g. a run's EMA weights in memory) against the
-    run's validation split. Returns {"fid", "images", "texts", "num_samples", "num_reference",
-    "sampler_steps", "cfg_scale", "resolution", "seconds"}; the reference statistics are cached
-    beside the data."""
+    """Real Inception FID (with its interval), KID and, on the built-in data, text alignment of
+    a model (a MicroDiT, e.g. a run's EMA weights in memory) against the run's validation split.
+
+    The reference is the whole validation split (or `eval.reference_samples` images), its
+    statistics and features cached beside the data. Returns {"fid", "fid_ci95", "fid_se",
+    "fid_method", "confidence", "kid", "kid_std", "kid_subset_size", "alignment" (None off the
+    built-in data), "alignment_ci95", "alignment_se", "alignment_attributes", "images", "texts",
+    "num_samples", "num_reference", "sampler_steps", "cfg_scale", "resolution", "seconds"}."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     data_dir = Path(cfg.data.path)
     if not (data_dir / "manifest.json").is_file():
@@ -83,11 +145,10 @@ def score_model(
     manifest = load_manifest(data_dir)
     res = cfg.phases[-1].resolution
     info = manifest.resolution(res)
-    n_val = info.splits["val"].count if "val" in info.splits else info.splits["train"].count
+    split = "val" if "val" in info.splits else "train"
+    n_val = info.splits[split].count
     n = num_samples or cfg.eval.fid_samples
-    batch = min(cfg.eval.batch_size, n, n_val)
-    # The reference: as many validation images as samples, in whole batches (no repeats).
-    n_ref = min(n, n_val // batch * batch)
+    n_ref = min(cfg.eval.reference_samples or n_val, n_val)
     edm = replace(
         edm_config(cfg),
         num_steps=sampler_steps or cfg.eval.sampler_steps,
@@ -95,18 +156,7 @@ def score_model(
     )
     t0 = time.time()
     evaluator = FIDEvaluator(device=dev, batch_size=100, progress=progress)
-    cache = data_dir / f"fid-ref-{info.resolution}-{n_ref}.npz"
-    key = f"{manifest.root.resolve()}:{info.resolution}:val:{n_ref}"
-    cached = None
-    if cache.is_file():
-        try:
-            cached = evaluator.reference_stats(None, cache_path=cache, key=key)
-        except (UserError, ValueError, KeyError):
-            cached = None
-    if cached is None:
-        evaluator.reference_stats(
-            real_images(data_dir, n_ref, resolution=res), cache_path=cache, key=key
-        )
+    ref, ref_feats = _reference(evaluator, data_dir, n_ref, info.resolution, split)
     batch = min(cfg.eval.batch_size, n_val)
     images, texts = generate_images(
         net,
@@ -118,8 +168,28 @@ def score_model(
         device=dev,
         progress=progress,
     )
+    feats = evaluator.features(images)
+    fid = fid_measurement(
+        feats,
+        ref.mu,
+        ref.sigma,
+        method=cfg.eval.interval,
+        resamples=cfg.eval.resamples,
+        confidence=cfg.eval.confidence,
+        seed=seed,
+    )
+    kid = kid_measurement(feats, ref_feats, subsets=cfg.eval.kid_subsets, seed=seed)
+    align = _alignment(images, texts, cfg, data_dir, seed)
     return {
-        "fid": evaluator.fid(images),
+        "fid": fid.value,
+        "fid_ci95": [fid.lo, fid.hi],
+        "fid_se": fid.se,
+        "fid_method": fid.method,
+        "confidence": fid.confidence,
+        "kid": kid["kid"],
+        "kid_std": kid["kid_std"],
+        "kid_subset_size": kid["subset_size"],
+        **align,
         "images": images,
         "texts": texts,
         "num_samples": n,
@@ -128,6 +198,33 @@ def score_model(
         "cfg_scale": edm.cfg_scale,
         "resolution": info.resolution,
         "seconds": time.time() - t0,
+    }
+
+
+def _alignment(images: Tensor, texts: list[str], cfg, data_dir: Path, seed: int) -> dict[str, Any]:
+    """The built-in data's text-alignment score with its interval ({"alignment": None, ...} when
+    off, or with eval.alignment=auto when the captions are not of the built-in grammar)."""
+    off = {
+        "alignment": None,
+        "alignment_ci95": None,
+        "alignment_se": None,
+        "alignment_attributes": None,
+    }
+    mode = cfg.eval.alignment
+    if mode == "off":
+        return off
+    if mode == "auto":
+        try:
+            for text in texts:
+                parse_caption(text)
+        except DataError:
+            return off
+    scored = alignment_score(images, texts, cache_dir=data_dir, seed=seed)
+    return {
+        "alignment": scored["value"],
+        "alignment_ci95": scored["ci95"],
+        "alignment_se": scored["stderr"],
+        "alignment_attributes": scored["per_attribute"],
     }
 
 
@@ -161,6 +258,22 @@ def evaluate_run(
     grid = save_grid(images[:16], run_dir / "samples" / f"eval-{tag}.png", captions=texts[:16])
     result = {
         "fid": fid,
+        **{
+            k: scored[k]
+            for k in (
+                "fid_ci95",
+                "fid_se",
+                "fid_method",
+                "confidence",
+                "kid",
+                "kid_std",
+                "kid_subset_size",
+                "alignment",
+                "alignment_ci95",
+                "alignment_se",
+                "alignment_attributes",
+            )
+        },
         "clip_score": clip_score,
         "clip_model": clip_model,
         "weights": "initial (untrained)"

@@ -293,6 +293,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         """Dollar rungs, the phase rung and the trial budget of a sweep trial."""
         plan = self.eval_plan
         assert plan is not None
+        if (Path(self.run_dir) / "STOP").is_file():
+            return  # asked to stop (pruned, budget cap): no more FIDs paid for
         spent = self.spent_usd()["cost_usd"]
         due = [r for r in plan.rungs_usd if spent >= r and ("usd", r) not in self._rungs_done]
         if due:
@@ -335,6 +337,12 @@ class TrainJob(submitit.helpers.Checkpointable):
             "rung_usd": rung,
             "cost_usd": spent,
             "fid": scored["fid"],
+            "fid_ci95": scored["fid_ci95"],
+            "fid_se": scored["fid_se"],
+            "kid": scored["kid"],
+            "kid_std": scored["kid_std"],
+            "alignment": scored["alignment"],
+            "alignment_ci95": scored["alignment_ci95"],
             "step": info["state"]["global_step"],
             "phase": info["phase"].name,
             "num_samples": scored["num_samples"],

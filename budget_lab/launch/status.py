@@ -175,6 +175,8 @@ def run_status(run_dir: str | os.PathLike[str], scheduler: bool = True) -> RunSt
     result = json.loads(result_path.read_text()) if result_path.is_file() else None
     status = RunStatus(run=run_dir.name, run_dir=str(run_dir), state="unknown", result=result)
     job_id, sched = None, None
+    if record is not None and not record.job_ids:
+        record = None  # launched, but nothing reached the scheduler: no job to ask about
     if record is not None:
         status.cluster, status.executor = record.cluster, record.executor
         status.job_ids, status.sweep, status.trial = record.job_ids, record.sweep, record.trial

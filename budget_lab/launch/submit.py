@@ -98,7 +98,10 @@ def read_launch(run_dir: str | os.PathLike[str]) -> LaunchRecord | None:
     path = Path(run_dir) / LAUNCH_FILE
     if not path.is_file():
         return None
-    return LaunchRecord(**json.loads(path.read_text()))
+    record = LaunchRecord(**json.loads(path.read_text()))
+    if not record.job_ids:  # written before a submission that did not return: what went out?
+        record.job_ids = recover_job_ids(record)
+    return record
 
 
 def make_executor(cluster, folder: Path, nodes: int, gpus_per_node: int, name: str):
@@ -298,6 +301,29 @@ def launch_runs(
         cfg_dict = _prepare_run_folder(cfg, run_dir)
         jobs_in.append(_job_for(cfg_dict, run_dir, cluster, nodes, gpus, plan))
         run_dirs.append(run_dir)
+    # The launch record is written before the submission (without job ids) so that a process
+    # killed in between leaves a record pointing at the submitit folder, where the ids of what
+    # was submitted can be found again (`recover_job_ids`): a restart follows that job instead
+    # of submitting a second one into the same run folder.
+    records = []
+    for (name, _), run_dir, trial in zip(runs, run_dirs, trials, strict=True):
+        record = LaunchRecord(
+            run=name,
+            run_dir=str(run_dir.resolve()),
+            cluster=cluster.name,
+            executor=cluster.executor,
+            launch_id=launch_id,
+            submitit_folder=str(folder.resolve()),
+            job_ids=[],
+            nodes=nodes,
+            gpus_per_node=gpus,
+            tasks_per_node=max(gpus, 1),
+            sweep=sweep,
+            trial=trial,
+            cluster_file=getattr(cluster, "source", None) or cluster.name,
+        )
+        atomic_write_json(run_dir / LAUNCH_FILE, asdict(record))
+        records.append(record)
 
     executor = make_executor(
         cluster, folder, nodes, gpus, name=runs[0][0] if len(runs) == 1 else f"array-{launch_id}"
@@ -321,26 +347,31 @@ def launch_runs(
             f"could not submit to cluster {cluster.name!r}: {err}. Check the cluster file "
             f"(`budget-lab clusters show {cluster.name}`) and that the scheduler is reachable"
         ) from err
-    records = []
-    for (name, _), run_dir, job, trial in zip(runs, run_dirs, jobs, trials, strict=True):
-        record = LaunchRecord(
-            run=name,
-            run_dir=str(run_dir.resolve()),
-            cluster=cluster.name,
-            executor=cluster.executor,
-            launch_id=launch_id,
-            submitit_folder=str(folder.resolve()),
-            job_ids=[str(j.job_id) for j in (job if isinstance(job, list) else [job])],
-            nodes=nodes,
-            gpus_per_node=gpus,
-            tasks_per_node=max(gpus, 1),
-            sweep=sweep,
-            trial=trial,
-            cluster_file=getattr(cluster, "source", None) or cluster.name,
-        )
+    crash_point("after-submit")
+    for record, run_dir, job in zip(records, run_dirs, jobs, strict=True):
+        record.job_ids = [str(j.job_id) for j in (job if isinstance(job, list) else [job])]
         atomic_write_json(run_dir / LAUNCH_FILE, asdict(record))
-        records.append(record)
     return records
+
+
+def recover_job_ids(record: LaunchRecord) -> list[str]:
+    """The ids of the jobs a launch submitted, from its submitit folder (`<id>_submitted.pkl`,
+    written once the scheduler gave the id): for a launch record written before its submission
+    returned. Empty when nothing was submitted."""
+    folder = Path(record.submitit_folder)
+    if not folder.is_dir():
+        return []
+    ids = {p.name.removesuffix("_submitted.pkl") for p in folder.glob("*_submitted.pkl")}
+    return sorted(ids, key=lambda i: (len(i), i))
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for the crash-window tests: SIGKILL this process when the environment
+    variable BUDGET_LAB_CRASH_AT names this point (never set outside tests)."""
+    if os.environ.get("BUDGET_LAB_CRASH_AT") == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def launch_run(

@@ -24,7 +24,7 @@ import optuna
 from optuna.trial import TrialState
 
 from budget_lab.errors import UserError
-from budget_lab.launch.job import EvalPlan, read_jsonl
+from budget_lab.launch.job import EvalPlan, read_jsonl, segment_rows
 from budget_lab.launch.notify import Listener
 from budget_lab.launch.status import FINAL_STATES, run_status
 from budget_lab.sweep.storage import default_storage, open_storage
@@ -38,8 +38,14 @@ class SweepSummary:
     objective: str
     stop_reason: str
     trials: list[dict[str, Any]] = field(default_factory=list)
-    pareto: list[int] = field(default_factory=list)
-    best: dict[str, Any] | None = None
+    pareto: list[int] = field(default_factory=list)  # trials of the noise-aware front's configs
+    best: dict[str, Any] | None = None  # the best configuration's first trial row
+    configs: list[dict[str, Any]] = field(default_factory=list)  # merged over repeats, scored
+    tied: list[str] = field(default_factory=list)  # configurations tied with the best
+    tiers: list[list[str]] = field(default_factory=list)  # groups apart beyond the noise
+    front: list[str] = field(default_factory=list)  # pareto: configurations on the front
+    indistinguishable: list[list[str]] = field(default_factory=list)  # front points not apart
+    verdict: str = ""  # what the sweep found and could not tell apart, in words
     spent_usd: float = 0.0
     budget_usd: float | None = None
     study_storage: str = ""
@@ -47,9 +53,10 @@ class SweepSummary:
     report_path: str | None = None
 
 
-def ensure_builtin_data(path: Path, n: int = 2000, progress: bool = True) -> Path:
+def ensure_builtin_data(path: Path, n: int = 2500, progress: bool = True) -> Path:
     """The built-in synthetic captioned shapes, prepared as 32 px pixels + MiniLM captions, made
-    once (a few tens of seconds on a laptop CPU) and reused by every sweep of the workspace."""
+    once (a few tens of seconds on a laptop CPU) and reused by every sweep of the workspace:
+    80 % to train on, 20 % (500) held out as the validation split, the FID/KID reference."""
     from budget_lab.data.prepare import prepare_dataset
     from budget_lab.data.synth import synth_dataset
 
@@ -58,7 +65,7 @@ def ensure_builtin_data(path: Path, n: int = 2000, progress: bool = True) -> Pat
     images = path.parent / (path.name + "-images")
     if progress:
         print(f"preparing the built-in synthetic data ({n} captioned images) in {path} ...")
-    synth_dataset(images, n=n, res=32, seed=0, val_fraction=0.1, progress=progress)
+    synth_dataset(images, n=n, res=32, seed=0, val_fraction=0.2, progress=progress)
     prepare_dataset(
         images, path, resolutions=(32,), vae="pixel", text_encoder="minilm", progress=progress
     )
@@ -250,8 +257,22 @@ class SweepController:
         self, study: optuna.Study, trial: optuna.trial.Trial | optuna.trial.FrozenTrial, params
     ) -> bool:
         """Estimate and launch one trial; False (and the trial told FAIL) when it does not fit."""
+        from budget_lab.errors import ConfigError
         from budget_lab.launch import launch_run
+        from budget_lab.launch.submit import crash_point
 
+        storage = study._storage
+        try:
+            return self._launch_config(study, trial, params, launch_run, crash_point)
+        except ConfigError as err:
+            # A combination of valid values that does not compose (dim 96 with head_dim 64):
+            # this trial fails with the reason; the sweep goes on with the next one.
+            storage.set_trial_user_attr(trial._trial_id, "error", f"invalid configuration: {err}")
+            study.tell(trial.number, state=TrialState.FAIL)
+            self._say(f"trial {trial.number}: FAIL, invalid configuration: {err}")
+            return True
+
+    def _launch_config(self, study, trial, params, launch_run, crash_point) -> bool:
         cfg = self._trial_config(params)
         estimate = self._estimate(cfg)
         if self.spec.objective == "fid_at_budget":
@@ -292,6 +313,12 @@ class SweepController:
                 )
                 return False
         name = self._run_name(trial.number)
+        # The trial's side of the trial <-> run link before anything is submitted: a controller
+        # killed during the submission finds the run folder (and its launch record) again.
+        storage = study._storage
+        run_dir = str((Path(self.workspace.runs_dir) / name).resolve())
+        for key, value in {"run": name, "run_dir": run_dir, "estimate_usd": est}.items():
+            storage.set_trial_user_attr(trial._trial_id, key, value)
         record = launch_run(
             cfg,
             self.cluster,
@@ -302,16 +329,8 @@ class SweepController:
             trial=trial.number,
             eval_plan=self._eval_plan(cfg, est),
         )
-        # The trial's side of the trial ↔ run link (one journal append each: the launch id,
-        # cluster and submitit folder are in the run folder's launch.json).
-        storage = study._storage
-        for key, value in {
-            "run": name,
-            "run_dir": record.run_dir,
-            "job_ids": record.job_ids,
-            "estimate_usd": est,
-        }.items():
-            storage.set_trial_user_attr(trial._trial_id, key, value)
+        crash_point("after-launch-record")
+        storage.set_trial_user_attr(trial._trial_id, "job_ids", record.job_ids)
         self.active[trial.number] = {
             "trial_id": trial._trial_id,
             "run_dir": record.run_dir,
@@ -340,10 +359,12 @@ class SweepController:
                 continue
             info["reported"].add(key)
             trial = optuna.trial.Trial(study, trial_id)
+            se = row.get("fid_se")
             if row["kind"] == "usd":
-                report_fid(trial, row["fid"], row["cost_usd"], rung_usd=row["rung_usd"])
+                report_fid(trial, row["fid"], row["cost_usd"], rung_usd=row["rung_usd"], se=se)
             else:  # "phase:<name>": the end of a masked phase
-                report_fid(trial, row["fid"], row["cost_usd"], phase=row["kind"].split(":", 1)[1])
+                phase = row["kind"].split(":", 1)[1]
+                report_fid(trial, row["fid"], row["cost_usd"], phase=phase, se=se)
             if not info["pruned"] and should_prune(trial):
                 from budget_lab.train.trainer import request_stop_file
 
@@ -362,7 +383,12 @@ class SweepController:
             segments = sync_run(self.ledger, run_dir, self.cluster, sacct_wait_s=0)
         except UserError:
             segments = None
-        if self.cluster.executor == "slurm" and (
+        never_ran = not segments and not segment_rows(run_dir)
+        if never_ran:
+            # A final state and not one start: cancelled (or failed) while pending. Nothing ran,
+            # nothing is charged; waiting for accounting rows would wait for ever.
+            pass
+        elif self.cluster.executor == "slurm" and (
             not segments or any(seg.state == "RUNNING" for seg in segments)
         ):
             return False  # accounting rows not complete yet: tell once they are
@@ -373,12 +399,20 @@ class SweepController:
         storage.set_trial_user_attr(trial_id, "cost_usd", cost)
         storage.set_trial_user_attr(trial_id, "status", st.state)
         result = st.result or {}
-        fid = (result.get("eval") or {}).get("fid")
-        if fid is None and (run_dir / "eval.json").is_file():
+        scores = result.get("eval") or {}
+        if scores.get("fid") is None and (run_dir / "eval.json").is_file():
             import json
 
-            fid = json.loads((run_dir / "eval.json").read_text()).get("fid")
+            scores = json.loads((run_dir / "eval.json").read_text())
+        fid = scores.get("fid")
         budget_cut = str(result.get("cut_reason", "")).startswith("trial budget")
+        if info.get("cap_killed"):
+            storage.set_trial_user_attr(trial_id, "cost_usd", cost)
+            storage.set_trial_user_attr(trial_id, "status", st.state)
+            storage.set_trial_user_attr(trial_id, "cut_reason", "budget cap reached (killed)")
+            study.tell(number, state=TrialState.PRUNED)
+            self._say(f"trial {number}: cut by the budget cap (killed), ${cost:.4f}")
+            return True
         if st.state == "completed":  # measured throughput refines the next estimates
             from budget_lab.ledger import calibrate_from_run
             from budget_lab.ledger.calibration import device_of
@@ -393,10 +427,15 @@ class SweepController:
             except UserError:
                 pass
         if st.state == "completed" or (st.state == "cut" and budget_cut and fid is not None):
-            storage.set_trial_user_attr(trial_id, "fid", fid)
+            for key, value in _score_attrs(scores).items():
+                storage.set_trial_user_attr(trial_id, key, value)
             values = objective_values(self.spec, fid, cost, self._fid_ref(run_dir))
             study.tell(number, values)
-            self._say(f"trial {number}: done, FID {fid:.1f}, ${cost:.4f}")
+            lo, hi = scores.get("fid_ci95") or (math.nan, math.nan)
+            self._say(
+                f"trial {number}: done, FID {fid:.1f} [{lo:.1f}, {hi:.1f}] "
+                f"N={scores.get('num_samples')}, ${cost:.4f}"
+            )
         elif st.state == "cut":
             storage.set_trial_user_attr(trial_id, "cut_reason", result.get("cut_reason"))
             study.tell(number, state=TrialState.PRUNED)
@@ -463,8 +502,9 @@ class SweepController:
             run_dir = Path(info["run_dir"])
             record_devices = max(self._gpus(), 1)
             rate = self.cluster.price.usd_per_gpu_hour * record_devices
-            # A STOP is seen at the next step; a trial may be inside a rung FID (seconds long).
-            latency = info.get("step_s", 5.0) + 60.0 * bool(self.spec.pruner != "none")
+            # A STOP is seen at the next step; a job that has not ended within that step plus
+            # KILL_GRACE_S (inside an FID, say) is killed: that is the stop latency promised.
+            latency = _step_seconds(run_dir) + KILL_GRACE_S + self.poll_s
             jobs.append(
                 RunningJob(
                     run=run_dir.name,
@@ -497,6 +537,31 @@ class SweepController:
             except ConfigError:
                 continue  # that trial fails at its launch, with this error
 
+    def _prepare_eval(self) -> None:
+        """The FID/KID reference of the trials' data and the alignment reader, made once here
+        (cached beside the data) rather than inside the first trial, which would pay for them."""
+        from budget_lab.eval.evaluate import prepare_references
+
+        if self.cluster.executor != "local":
+            return  # the data may live where only the cluster's nodes see it
+        if self._base_cfg is None:
+            from budget_lab.config import RecipeBase
+            from budget_lab.sweep import base_overrides
+
+            self._recipe_base = RecipeBase(self.spec.recipe, base_overrides(self.spec))
+            self._base_cfg = self._recipe_base.compose()
+        cfg = self._recipe_base.compose(self.overrides)
+        cfg.data.path = str(Path(cfg.data.path).resolve())
+        if not (Path(cfg.data.path) / "manifest.json").is_file():
+            return  # the trials fail with the data error; nothing to prepare
+        self._say("preparing the FID reference and the alignment reader (once per data set)")
+        done = prepare_references(cfg, device="cpu")
+        self._say(
+            f"reference: {done['num_reference']} validation images; alignment "
+            f"{'on' if done['alignment'] else 'off (not the built-in data)'} "
+            f"({done['seconds']:.0f} s)"
+        )
+
     @staticmethod
     def _started(study: optuna.Study) -> int:
         """Trials that count against n_trials: not enqueued-and-waiting, not refused by the
@@ -509,14 +574,34 @@ class SweepController:
 
     def _reattach(self, study: optuna.Study) -> None:
         """After a restart: follow RUNNING trials again; launch those that were never submitted."""
+        from budget_lab.launch import read_launch
+
         for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            run_dir = frozen.user_attrs.get("run_dir")
-            if run_dir is None:  # asked, never launched (the controller died in between)
+            name = self._run_name(frozen.number)
+            run_dir = str((Path(self.workspace.runs_dir) / name).resolve())
+            record = read_launch(run_dir)
+            ours = (
+                record is not None
+                and record.sweep == self.spec.name
+                and record.trial == frozen.number
+                and bool(record.job_ids)
+            )
+            if not ours:  # asked, never submitted (the controller died in between)
                 trial = optuna.trial.Trial(study, frozen._trial_id)
+                if self.stop_reason is not None:  # the budget refused an earlier one
+                    study._storage.set_trial_user_attr(
+                        frozen._trial_id, "not_started", self.stop_reason
+                    )
+                    study.tell(frozen.number, state=TrialState.FAIL)
+                    continue
                 self._say(f"trial {frozen.number}: launching (asked before a restart)")
-                if not self._launch(study, trial, dict(frozen.params)):
-                    return
+                self._launch(study, trial, dict(frozen.params))
                 continue
+            if frozen.user_attrs.get("run_dir") is None:  # died between submission and link
+                study._storage.set_trial_user_attr(frozen._trial_id, "run", name)
+                study._storage.set_trial_user_attr(frozen._trial_id, "run_dir", run_dir)
+            if frozen.user_attrs.get("job_ids") is None:
+                study._storage.set_trial_user_attr(frozen._trial_id, "job_ids", record.job_ids)
             self.active[frozen.number] = {
                 "trial_id": frozen._trial_id,
                 "run_dir": run_dir,
@@ -526,11 +611,46 @@ class SweepController:
             }
             self._say(f"trial {frozen.number}: re-attached to {Path(run_dir).name}")
 
+    def _hold_lock(self):
+        """One controller per sweep: an exclusive lock on sweeps/<name>/controller.lock, held
+        while this controller runs and released by the kernel when its process ends (even by
+        SIGKILL). A second controller is refused with the holder's pid and host."""
+        import fcntl
+        import socket
+
+        path = self.workspace.sweep_dir(self.spec.name) / "controller.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+")  # noqa: SIM115 - held open for the controller's lifetime
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise UserError(
+                f"sweep {self.spec.name!r} is already being run by another controller "
+                f"({holder}); one controller per sweep: wait for it to end, or stop it (Ctrl-C, "
+                f"or kill its pid) and run this command again, which resumes the sweep"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%F %T')}\n")
+        fh.flush()
+        return fh
+
     def run(self) -> SweepSummary:
+        lock = self._hold_lock()
+        try:
+            return self._run()
+        finally:
+            lock.close()
+
+    def _run(self) -> SweepSummary:
         from budget_lab.ledger import BudgetGuard
 
         study = self._study()
         self._warm_up()
+        self._prepare_eval()
         guard = None
         if self.budget_usd is not None:
             guard = BudgetGuard(
@@ -592,20 +712,48 @@ class SweepController:
                     if not info.get("stopping"):
                         request_stop_file(info["run_dir"], "budget cap reached")
                         info["stopping"] = True
+                        info["stop_deadline"] = (
+                            time.monotonic() + _step_seconds(Path(info["run_dir"])) + KILL_GRACE_S
+                        )
                 if decision.stop and self.stop_reason is None:  # no new trial after a cut
                     self.stop_reason = (
                         f"budget cap: ${decision.spent_usd:.4f} spent of ${self.budget_usd:.4f}; "
                         f"{len(decision.stop)} running trial(s) cut at their next step"
                     )
                     self._say(self.stop_reason)
+            self._kill_overruns()
             if not self.active and (self.stop_reason is not None or started >= self.n_trials):
                 return
             wake.wait(self.poll_s)
 
+    def _kill_overruns(self) -> None:
+        """A cap is a promise: a job asked to stop for the budget that is still running past its
+        step time plus KILL_GRACE_S (in a rung or final FID, a checkpoint write, a hung step) is
+        cancelled (local: SIGTERM then SIGKILL; Slurm: scancel) and charged what it spent."""
+        from budget_lab.launch.status import cancel_run
+
+        now = time.monotonic()
+        for number, info in self.active.items():
+            deadline = info.get("stop_deadline")
+            if deadline is None or now < deadline or info.get("cap_killed"):
+                continue
+            st = run_status(Path(info["run_dir"]), scheduler=False)
+            if st.state in FINAL_STATES:
+                continue
+            cancel_run(info["run_dir"])
+            info["cap_killed"] = True
+            self._say(
+                f"trial {number}: killed, it did not stop within {KILL_GRACE_S:.0f} s of the "
+                f"budget cap's request"
+            )
+
     # -- the end ----------------------------------------------------------------------------------
 
     def summarize(self, study: optuna.Study | None = None) -> SweepSummary:
-        from budget_lab.sweep import pareto_front
+        """The sweep's trials and its decisions (budget_lab.sweep.decide): configurations merged
+        over repeats, best and ties, tiers, the noise-aware front and the verdict in words."""
+        from budget_lab.sweep.decide import config_from_rows, decide, group_repeats
+        from budget_lab.sweep.spec import REPEAT_PARAM
 
         study = study or self._study()
         rows = []
@@ -617,7 +765,7 @@ class SweepController:
                     "number": t.number,
                     "state": t.state.name,
                     "params": dict(t.params),
-                    "fid": t.user_attrs.get("fid"),
+                    **{k: t.user_attrs.get(k) for k in _SCORE_ATTRS},
                     "cost_usd": t.user_attrs.get("cost_usd", 0.0),
                     "run": t.user_attrs.get("run"),
                     "run_dir": t.user_attrs.get("run_dir"),
@@ -626,29 +774,90 @@ class SweepController:
                 }
             )
         done = [r for r in rows if r["state"] == "COMPLETE" and r["fid"] is not None]
-        front_idx = pareto_front([(r["fid"], r["cost_usd"]) for r in done])
-        pareto = sorted(done[i]["number"] for i in front_idx)
+        baseline = None
+        if self.spec.objective == "fid_per_dollar" and done and done[0].get("run_dir"):
+            baseline = self._fid_ref(Path(done[0]["run_dir"]))
+        configs = []
+        for key, params, group in group_repeats(done, REPEAT_PARAM):
+            for r in group:  # a trial of an older study has no interval: exact at its FID
+                if not r.get("fid_ci95"):
+                    r["fid_ci95"], r["fid_se"] = [r["fid"], r["fid"]], 0.0
+            config = config_from_rows(key, params, group, self.spec.objective, baseline)
+            if config is not None:
+                configs.append(config)
+        decision = decide(configs, self.spec.objective, self.spec.cost_tolerance)
+        by_key = {c.key: c for c in configs}
+        pareto = sorted(n for k in decision.front for n in by_key[k].trials)
         best = None
-        if done:
-            if self.spec.objective == "pareto":
-                # The best FID on the front (the front's cheapest point is also shown).
-                best = min((r for r in done if r["number"] in pareto), key=lambda r: r["fid"])
-            else:
-                sign = -1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1
-                best = min(done, key=lambda r: sign * r["values"][0])
+        if decision.best is not None:
+            first = by_key[decision.best].trials[0]
+            best = next(r for r in done if r["number"] == first)
         spent = self.ledger.spent(sweep=self.spec.name)
-        summary = SweepSummary(
+        return SweepSummary(
             sweep=self.spec.name,
             objective=self.spec.objective,
             stop_reason=self.stop_reason or "not run",
             trials=rows,
             pareto=pareto,
             best=best,
+            configs=[_config_dict(c) for c in configs],
+            tied=decision.tied_with_best,
+            tiers=decision.tiers,
+            front=decision.front,
+            indistinguishable=decision.indistinguishable,
+            verdict=decision.verdict,
             spent_usd=spent,
             budget_usd=self.budget_usd,
             study_storage=self.storage,
         )
-        return summary
+
+
+def _config_dict(config) -> dict[str, Any]:
+    """A scored configuration as plain data (summary.json, W&B)."""
+    out = {
+        "key": config.key,
+        "params": config.params,
+        "trials": config.trials,
+        "fid": config.fid.as_dict(),
+        "cost_usd": config.cost_usd,
+        "score": config.score.as_dict(),
+        "alignment": None if config.alignment is None else config.alignment.as_dict(),
+    }
+    return out
+
+
+#: Seconds a job asked to stop for the budget cap may take beyond one training step before the
+#: controller kills it: the stated stop latency is one step + this + one poll.
+KILL_GRACE_S = 10.0
+
+
+def _step_seconds(run_dir: Path) -> float:
+    """Seconds per optimizer step of a run, from its metrics (5 s before the first row)."""
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    last = next((r for r in reversed(rows) if r.get("train_seconds") and r.get("step")), None)
+    if last is None:
+        return 5.0
+    return float(last["train_seconds"]) / max(int(last["step"]), 1)
+
+
+#: Scores of a trial's eval.json kept as its user attributes (name in the study: name in eval).
+_SCORE_ATTRS = {
+    "fid": "fid",
+    "fid_ci95": "fid_ci95",
+    "fid_se": "fid_se",
+    "fid_method": "fid_method",
+    "fid_n": "num_samples",
+    "fid_n_ref": "num_reference",
+    "kid": "kid",
+    "kid_std": "kid_std",
+    "alignment": "alignment",
+    "alignment_ci95": "alignment_ci95",
+    "alignment_se": "alignment_se",
+}
+
+
+def _score_attrs(scores: dict[str, Any]) -> dict[str, Any]:
+    return {attr: scores.get(key) for attr, key in _SCORE_ATTRS.items() if key in scores}
 
 
 def yaml_load(path: Path) -> dict[str, Any]:

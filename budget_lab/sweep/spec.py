@@ -29,6 +29,7 @@ import json
 import math
 import numbers
 import re
+import statistics
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ __all__ = [
     "PARAM_TYPES",
     "DERIVED_TARGETS",
     "FID_REPORTS_ATTR",
+    "REPEAT_PARAM",
     "ParamSpec",
     "SweepSpec",
     "list_sweeps",
@@ -125,7 +127,14 @@ DERIVED_TARGETS: dict[str, str] = {
     ),
     "route_start": "model.routes: the first backbone block the routed tokens skip (0-based)",
     "route_end": "model.routes: the block before which routed tokens re-join (start < end)",
+    "seed_offset": (
+        "seed = the recipe's seed + value: the same configuration trained with another seed "
+        "(`repeats: k` adds the param `repeat` with this target)"
+    ),
 }
+
+#: The param a sweep with `repeats: k` gets: the repeat's index, 0 .. k - 1.
+REPEAT_PARAM = "repeat"
 
 _ROUTE_KNOBS = ("route_ratio", "route_start", "route_end")
 
@@ -336,6 +345,9 @@ class SweepSpec:
     phase_rung: bool = False  # also judge at the end of masked pretraining, before finetuning
     prune_percentile: float = 50.0  # cut when FID > this percentile of the peers' (50 = median)
     prune_min_peers: int = 2  # peers with an FID at a rung before any trial is cut there
+    prune_confidence: float = 0.95  # cut only when the lag is significant at this level (0.5: any)
+    repeats: int = 1  # seeds per configuration (grid sampler); scores become means over them
+    cost_tolerance: float = 0.1  # relative $ differences below this are noise (machine load)
     eval: dict[str, Any] = field(default_factory=dict)  # EvalConfig overrides for trial FIDs
     cluster: str = "local"  # where trials run unless the command line says otherwise
 
@@ -391,6 +403,34 @@ class SweepSpec:
                 f"route_end's smallest value must exceed route_start's largest ({hi_start}), "
                 f"so that every sample is a valid route",
             )
+        # Repeats: one more grid param, the seed's offset.
+        _check(self.repeats >= 1, "repeats", self.repeats, "expected >= 1 seeds per configuration")
+        if self.repeats > 1:
+            _check(
+                self.sampler == "grid",
+                "repeats",
+                self.repeats,
+                f"repeats need the grid sampler (each configuration trained with k seeds); "
+                f"sampler={self.sampler} samples new configurations instead",
+            )
+            repeat = next((p for p in self.params if p.name == REPEAT_PARAM), None)
+            if repeat is None:
+                self.params.append(
+                    ParamSpec(
+                        name=REPEAT_PARAM,
+                        target="seed_offset",
+                        type="int",
+                        low=0,
+                        high=self.repeats - 1,
+                    )
+                )
+            else:
+                _check(
+                    repeat.target == "seed_offset" and repeat.high == self.repeats - 1,
+                    "params",
+                    REPEAT_PARAM,
+                    f"the name {REPEAT_PARAM!r} is the repeats' own param; rename yours",
+                )
         # Sampler and trial count.
         if self.sampler == "grid":
             for p in self.params:
@@ -496,6 +536,19 @@ class SweepSpec:
             "expected (0, 100]",
         )
         _check(self.prune_min_peers >= 1, "prune_min_peers", self.prune_min_peers, "expected >= 1")
+        _check(
+            0.5 <= self.prune_confidence < 1,
+            "prune_confidence",
+            self.prune_confidence,
+            "expected [0.5, 1): one-sided confidence that a trial lags before it is cut "
+            "(0.5 cuts on any lag, 0.95 on a lag beyond the noise)",
+        )
+        _check(
+            0 <= self.cost_tolerance < 1,
+            "cost_tolerance",
+            self.cost_tolerance,
+            "expected [0, 1): relative $ differences below it count as ties",
+        )
         # Trial FID settings.
         names = [f.name for f in dataclasses.fields(EvalConfig)]
         unknown = sorted(set(self.eval) - set(names))
@@ -735,6 +788,8 @@ def _target_overrides(values: dict[str, Any], base: RunConfig) -> list[str]:
         out += [f"phases.{i}.mask_ratio={ratio}" for i in masked_phases(base)]
     if "experts" in knobs:
         out.append(f"model.num_experts={_yaml_value(knobs['experts'])}")
+    if "seed_offset" in knobs:
+        out.append(f"seed={int(base.seed) + int(knobs['seed_offset'])}")
     if "width" in knobs:
         width = knobs["width"]
         out.append(f"model.dim={_yaml_value(width)}")
@@ -956,13 +1011,15 @@ def report_fid(
     *,
     rung_usd: float | None = None,
     phase: str | None = None,
+    se: float | None = None,
 ) -> None:
     """Record an intermediate FID of a running trial, judged by `should_prune` next.
 
     Exactly one of: `rung_usd`, the rung (one of `resolve_rungs(spec)`) the trial just passed,
     with the FID of its first checkpoint at or after that spend; `phase`, the name of the masked
     phase that just ended (one of `phase_rung_phases(cfg)`). `spent_usd` is what the trial had
-    spent when that checkpoint was written. A non-finite FID is stored as null and judged worst.
+    spent when that checkpoint was written; `se` the FID's standard error (its interval's
+    noise). A non-finite FID is stored as null and judged worst.
     """
     _check(
         (rung_usd is None) != (phase is None),
@@ -975,6 +1032,7 @@ def report_fid(
         "phase": phase,
         "spent_usd": float(spent_usd),
         "fid": float(fid) if math.isfinite(fid) else None,
+        "fid_se": None if se is None or not math.isfinite(se) else float(se),
     }
     trial.set_user_attr(FID_REPORTS_ATTR, [*trial.user_attrs.get(FID_REPORTS_ATTR, []), entry])
 
@@ -993,7 +1051,7 @@ def should_prune(trial: optuna.Trial) -> bool:
 
 
 class DollarRungPruner(optuna.pruners.BasePruner):
-    """Cut a trial whose FID lags its peers' at the same spend.
+    """Cut a trial whose FID lags its peers' at the same spend by more than the noise.
 
     The trial is judged on its latest `report_fid`:
       * at a dollar rung, its peers are the other trials' FIDs at the same rung: every trial
@@ -1001,15 +1059,29 @@ class DollarRungPruner(optuna.pruners.BasePruner):
       * at the end of masked phase P (phase_rung), its peers are the other trials' FIDs at the
         end of P that cost at most as much: a trial that reached the phase's end more cheaply
         (a higher mask ratio) is never cut for lagging trials that paid more.
-    It is cut when at least `min_peers` peers exist and its FID is worse than their
-    `percentile`-th percentile (50: the median). Peers come from every other trial, running,
+    With F its FID, se its standard error, P the `percentile`-th percentile (50: the median) of
+    the peers' FIDs and se_P the median of their standard errors, it is cut when at least
+    `min_peers` peers exist and
+
+        F - P > z * sqrt(se^2 + se_P^2),   z = the one-sided normal quantile of `confidence`
+
+    i.e. only when it lags by more than the noise of the two FIDs (confidence 0.5: z = 0, any
+    lag; reports without an se count as exact). Peers come from every other trial, running,
     finished, pruned or failed. A missing (non-finite) FID counts as the worst.
     """
 
-    def __init__(self, percentile: float = 50.0, min_peers: int = 2, phase_rung: bool = True):
+    def __init__(
+        self,
+        percentile: float = 50.0,
+        min_peers: int = 2,
+        phase_rung: bool = True,
+        confidence: float = 0.95,
+    ):
         self.percentile = percentile
         self.min_peers = min_peers
         self.phase_rung = phase_rung
+        self.confidence = confidence
+        self.z = statistics.NormalDist().inv_cdf(confidence)  # one-sided
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
         reports = fid_reports(trial)
@@ -1018,7 +1090,8 @@ class DollarRungPruner(optuna.pruners.BasePruner):
         last = reports[-1]
         if last["phase"] is not None and not self.phase_rung:
             return False
-        peers = []
+        peers: list[float] = []
+        peer_ses: list[float] = []
         for other in study.get_trials(deepcopy=False):
             if other.number == trial.number:
                 continue
@@ -1035,11 +1108,16 @@ class DollarRungPruner(optuna.pruners.BasePruner):
                 )
                 if same_rung or same_phase:
                     peers.append(math.inf if r["fid"] is None else r["fid"])
+                    peer_ses.append(r.get("fid_se") or 0.0)
                     break
         if len(peers) < self.min_peers:
             return False
         fid = math.inf if last["fid"] is None else last["fid"]
-        return fid > _percentile(peers, self.percentile)
+        reference = _percentile(peers, self.percentile)
+        if math.isinf(fid) or math.isinf(reference):
+            return fid > reference
+        noise = math.hypot(last.get("fid_se") or 0.0, statistics.median(peer_ses))
+        return fid - reference > max(self.z * noise, 0.0)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -1056,4 +1134,6 @@ def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
     """NopPruner for pruner none; DollarRungPruner with the spec's settings for dollar_rungs."""
     if spec.pruner == "none":
         return optuna.pruners.NopPruner()
-    return DollarRungPruner(spec.prune_percentile, spec.prune_min_peers, spec.phase_rung)
+    return DollarRungPruner(
+        spec.prune_percentile, spec.prune_min_peers, spec.phase_rung, spec.prune_confidence
+    )
