@@ -3,6 +3,9 @@
 Each write goes to a temporary file in the same folder, is flushed and fsynced, then renamed over
 the target (`os.replace` is atomic on POSIX file systems); the folder is fsynced so the rename
 itself survives a power cut.
+
+Reading a user's file (`read_text`, `yaml_problem`): a file that is not UTF-8 text or not YAML is
+a `ConfigError` naming the file and what is wrong with it, never a traceback.
 """
 
 from __future__ import annotations
@@ -15,7 +18,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json"]
+from budget_lab.errors import ConfigError
+
+__all__ = [
+    "atomic_write",
+    "atomic_write_text",
+    "atomic_write_json",
+    "read_text",
+    "yaml_load",
+    "yaml_dump",
+    "yaml_problem",
+]
 
 
 def atomic_write(
@@ -74,3 +87,32 @@ def yaml_dump(data: Any) -> str:
     import yaml
 
     return yaml.dump(data, Dumper=_yaml_classes()[1], sort_keys=False)
+
+
+def read_text(path: str | os.PathLike[str], what: str) -> str:
+    """The UTF-8 text of the file `path`, a `what` (e.g. "recipe", "cluster file"). A file that
+    cannot be read or is not text is a ConfigError naming it."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read the {what} {path}: {err.strerror or err}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"the {what} {path} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
+            f"{err.start}; is it a binary file?): a {what} is a YAML text file. Check that the "
+            "path names the right file, or save it as UTF-8"
+        ) from None
+
+
+def yaml_problem(err: Exception) -> str:
+    """A YAML error in one line: what is wrong and where ("expected ',' or ']' (line 2,
+    column 1)")."""
+    problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    lines = str(err).splitlines()
+    text = lines[0] if lines else type(err).__name__
+    position = getattr(err, "position", None)  # a reader error: a character YAML does not allow
+    return text if position is None else f"{text} (character {position + 1})"

@@ -1,5 +1,7 @@
-"""Reports: summary.json round trip, Pareto front and spend aggregates, PNG figures, the HTML
-page, the terminal tables, the W&B report spec (offline) and the W&B summary run (offline)."""
+"""Reports: summary.json round trip, the noise-aware front and spend aggregates, PNG figures
+(FID error bars, an honest FID axis), the HTML page, the terminal tables (intervals, sub-cent
+costs), the loader over a real Optuna study, the W&B report spec (offline) and the W&B summary
+run (offline)."""
 
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ from budget_lab.report.data import (
     report_data_from_json,
     report_data_to_json,
     spend_by,
+    sweep_verdict,
+    usd,
 )
 
 # wandb_workspaces still uses pydantic-v1-style validators; not ours to fix.
@@ -44,6 +48,44 @@ _TRIALS = [
     (5, "COMPLETE", 31.2, 9.80, 0.00, "aws-p5", 0.75, 1e-4, "small"),
 ]
 PARETO = {0, 1, 5}  # the cheapest, the best-for-$5 and the best FID
+# Scores with their noise (95 % intervals at N=256), as the sweep stores them; #0 comes from an
+# older study and has an FID only. #2's interval lies above #1's: #1 dominates it beyond the noise.
+_SCORES = {
+    1: dict(
+        fid_lo=34.6,
+        fid_hi=36.2,
+        fid_n=256,
+        kid=0.0123,
+        kid_std=0.0021,
+        alignment=0.612,
+        alignment_lo=0.551,
+        alignment_hi=0.673,
+    ),
+    2: dict(fid_lo=37.1, fid_hi=38.9, fid_n=256, kid=0.0151, kid_std=0.0024),
+    5: dict(
+        fid_lo=30.3,
+        fid_hi=32.1,
+        fid_n=256,
+        kid=0.0098,
+        kid_std=0.0019,
+        alignment=0.655,
+        alignment_lo=0.597,
+        alignment_hi=0.713,
+    ),
+}
+
+
+# TrialRow's measurement fields: the W&B trials table has a column for each.
+_INTERVAL_COLUMNS = (
+    "fid_lo",
+    "fid_hi",
+    "fid_n",
+    "kid",
+    "kid_std",
+    "alignment",
+    "alignment_lo",
+    "alignment_hi",
+)
 
 
 def _write_grid(path: Path, seed: int) -> None:
@@ -76,8 +118,8 @@ def make_report_data(root: Path) -> ReportData:
         phases = [("pretrain", pretrain, wasted)]
         if state == "COMPLETE":
             phases.append(("finetune", round(cost - pretrain, 2), 0.0))
-        for phase, usd, lost in phases:
-            seconds = 1200.0 * usd / cost
+        for phase, amount, lost in phases:
+            seconds = 1200.0 * amount / cost
             spend.append(
                 SpendRow(
                     run=run,
@@ -86,7 +128,7 @@ def make_report_data(root: Path) -> ReportData:
                     cluster=cluster,
                     start=start,
                     end=start + seconds,
-                    cost_usd=usd,
+                    cost_usd=amount,
                     wasted_usd=lost,
                     gpu_seconds=seconds * (8 if cluster == "aws-p5" else 1),
                 )
@@ -105,6 +147,7 @@ def make_report_data(root: Path) -> ReportData:
                 run_dir=str(run_dir),
                 grid_path=str(grid) if state == "COMPLETE" else None,
                 objective_values=[fid, cost] if fid is not None else None,
+                **_SCORES.get(number, {}),
             )
         )
     return ReportData(
@@ -117,6 +160,7 @@ def make_report_data(root: Path) -> ReportData:
         stop_reason="budget cap reached ($25.00)",
         budget_usd=25.0,
         generated_at=T0 + 3700.0,
+        verdict=sweep_verdict(trials, "pareto"),
     )
 
 
@@ -177,6 +221,103 @@ def test_pareto_front_best_trials_and_spend_aggregates(data: ReportData):
     assert all(b >= a for a, b in zip(total, total[1:], strict=False))
 
 
+# A CPU sweep: trials cost fractions of a cent and their FIDs (N=64) are noisy.
+# number: (FID, lo, hi, $). Classic Pareto (point estimates): {0, 2, 3}. Within the noise:
+# #1 is worse than #0 by less than the noise and costs within 10 % of it: it stays;
+# #2's lower FID is within #0's interval and it costs twice as much: it leaves;
+# #3 is better beyond the noise: it stays; #4 is worse beyond the noise: it leaves.
+_NOISY = {
+    0: (50.0, 48.0, 52.0, 0.0100),
+    1: (51.0, 49.0, 53.0, 0.0105),
+    2: (49.5, 47.5, 51.5, 0.0200),
+    3: (40.0, 39.0, 41.0, 0.0300),
+    4: (60.0, 59.0, 61.0, 0.0250),
+}
+
+
+def noisy_sweep(intervals: bool = True, cost_tolerance: float = 0.1) -> ReportData:
+    """Five COMPLETE sub-cent trials with FID intervals (or, `intervals` False, FIDs only)."""
+    trials = [
+        TrialRow(
+            number=n,
+            state="COMPLETE",
+            params={"mask_ratio": 0.5 + 0.1 * n},  # one configuration each
+            fid=fid,
+            cost_usd=cost,
+            gpu_hours=0.0,
+            wasted_usd=0.0042 if n == 4 else 0.0,
+            run=f"cpu-{n:03d}",
+            **(
+                dict(fid_lo=lo, fid_hi=hi, fid_n=64, kid=0.0312, kid_std=0.0041)
+                if intervals
+                else {}
+            ),
+        )
+        for n, (fid, lo, hi, cost) in _NOISY.items()
+    ]
+    trials = mark_pareto(trials, cost_tolerance)
+    return ReportData(
+        title="Sweep cpu",
+        sweep="cpu",
+        objective="pareto",
+        objective_formula="minimise (FID, $)",
+        trials=trials,
+        generated_at=T0,
+        verdict=sweep_verdict(trials, "pareto", cost_tolerance),
+        cost_tolerance=cost_tolerance,
+    )
+
+
+def test_front_respects_the_noise():
+    """A trial leaves the front only for a difference beyond the noise: FID intervals apart, or
+    cheaper by more than the cost tolerance."""
+    assert {t.number for t in noisy_sweep().trials if t.pareto} == {0, 1, 3}
+    # #1 overlaps the cheaper, better #0 and is kept; classic Pareto would drop it and keep #2.
+    assert pareto_numbers(noisy_sweep().trials) == {0, 1, 3}
+    # No cost tolerance: #0 is cheaper than #1 and not worse beyond the noise.
+    assert pareto_numbers(noisy_sweep().trials, cost_tolerance=0.0) == {0, 3}
+    # Trials of an older study (no interval) are exact at their FID: the classic front.
+    assert pareto_numbers(noisy_sweep(intervals=False).trials) == {0, 2, 3}
+    # Only COMPLETE trials with an FID take part.
+    others = [
+        TrialRow(9, "PRUNED", {}, 1.0, 0.001, 0.0, 0.0, fid_lo=0.5, fid_hi=1.5),
+        TrialRow(10, "FAIL", {}, None, 0.0, 0.0, 0.0),
+    ]
+    assert pareto_numbers(noisy_sweep().trials + others) == {0, 1, 3}
+    # The verdict says which trials the sweep told apart.
+    verdict = noisy_sweep().verdict or ""
+    assert verdict.startswith(
+        "Lowest FID on the front: mask_ratio=0.8 (FID 40.0 [39.0, 41.0] N=64, $0.03)"
+    )
+    assert "Front (not clearly dominated; $ within 10% count as equal)" in verdict
+
+
+def test_usd_keeps_the_digits_of_sub_cent_costs():
+    assert usd(0.0042) == "$0.0042" and usd(0.00420001) == "$0.0042"
+    assert usd(0.0567) == "$0.0567" and usd(0.000123456) == "$0.000123"
+    assert usd(0.0999) == "$0.0999" and usd(0.05) == "$0.05"
+    assert usd(0.5) == "$0.50" and usd(25.8) == "$25.80" and usd(1234.5) == "$1,234.50"
+    assert usd(0) == "$0.00" and usd(None) == "—"
+    for x in np.geomspace(1e-7, 0.0099, 50):  # a cost is never rounded off to $0.00
+        assert usd(float(x)) != "$0.00" and float(usd(float(x))[1:]) == pytest.approx(x, rel=6e-3)
+
+
+def test_older_summary_json_and_the_sweeps_keys_read_back(data: ReportData):
+    """A summary.json written before scores had intervals reads back (intervals None); the keys
+    a sweep adds beside the report data (its decisions) are accepted."""
+    raw = json.loads(report_data_to_json(data))
+    for trial in raw["trials"]:
+        for name in _INTERVAL_COLUMNS:
+            del trial[name]
+    del raw["verdict"], raw["cost_tolerance"]
+    older = report_data_from_json(json.dumps(raw))
+    assert all(t.fid_lo is None and t.alignment is None for t in older.trials)
+    assert older.verdict is None and older.cost_tolerance == 0.1
+    assert [t.fid for t in older.trials] == [t.fid for t in data.trials]
+    raw.update(verdict="Best: ...", tiers=[["a"]], front=["a"], configs=[{"key": "a"}])
+    assert report_data_from_json(json.dumps(raw)).verdict == "Best: ..."
+
+
 # --------------------------------------------------------------------------------------------
 # Figures, HTML, terminal
 # --------------------------------------------------------------------------------------------
@@ -199,6 +340,102 @@ def test_figures_are_real_pngs(data: ReportData, tmp_path: Path):
         assert _not_blank(path) > 0.5
 
 
+def _bars(ax) -> list[tuple[float, float, float]]:
+    """(x, bottom, top) of every error bar drawn on `ax`."""
+    from matplotlib.container import ErrorbarContainer
+
+    return sorted(
+        (float(seg[0][0]), float(seg[0][1]), float(seg[1][1]))
+        for c in ax.containers
+        if isinstance(c, ErrorbarContainer)
+        for cols in c.lines[2]
+        for seg in cols.get_segments()
+    )
+
+
+def test_pareto_figure_has_error_bars_and_an_honest_fid_axis(data: ReportData):
+    from budget_lab.report.figures import fid_axis_range, pareto_figure
+
+    for report in (data, noisy_sweep()):
+        ax = pareto_figure(report).axes[0]
+        # One vertical bar per trial with an interval, from its lo to its hi, at its cost.
+        expected = sorted(
+            (t.cost_usd, t.fid_lo, t.fid_hi) for t in report.trials if t.fid_lo is not None
+        )
+        assert len(_bars(ax)) == len(expected) and np.allclose(_bars(ax), expected)
+        # The FID axis holds every interval (every FID without one) with a margin.
+        bottom, top = ax.get_ylim()
+        margin = 0.05 * (top - bottom)
+        for t in report.trials:
+            if t.fid is not None:
+                lo, hi = t.fid_interval
+                assert bottom + margin <= lo and hi <= top - margin, (t.number, bottom, top)
+        assert "95% interval" in ax.get_ylabel()
+
+    # Three overlapping intervals 4 points wide, 3.5 points apart: the axis does not zoom in
+    # until they fill the plot; it spans at least four interval widths.
+    close = noisy_sweep()
+    close.trials = close.trials[:3]
+    ax = pareto_figure(close).axes[0]
+    bottom, top = ax.get_ylim()
+    assert top - bottom >= 4 * 4.0 and fid_axis_range(close.trials) == (bottom, top)
+    assert "N=64" in ax.get_ylabel()
+
+    # An older sweep (FIDs without intervals): no bars, every FID in view.
+    old = noisy_sweep(intervals=False)
+    ax = pareto_figure(old).axes[0]
+    bottom, top = ax.get_ylim()
+    assert _bars(ax) == [] and ax.get_ylabel() == "FID"  # no N known either
+    assert all(bottom < t.fid < top for t in old.trials)
+
+
+def _table_rows(text: str, title: str) -> dict[int, str]:
+    """{trial number: its first line} of the rich table titled `title` in `text`."""
+    body = text.split(title, 1)[1].split("└", 1)[0]
+    return {
+        int(m.group(1)): line for line in body.splitlines() if (m := re.match(r"│ *(\d+) *│", line))
+    }
+
+
+def test_sub_cent_costs_and_intervals_in_the_tables(tmp_path: Path):
+    """A CPU sweep: every cost keeps its digits (never $0.00) in the terminal, the HTML table
+    and the figure's axis; scores show their intervals and N."""
+    from budget_lab.report.figures import pareto_figure
+    from budget_lab.report.html import write_html_report
+    from budget_lab.report.terminal import print_report
+
+    report = noisy_sweep()
+    for width in (200, 80):  # 80: too narrow for one table, KID goes to a "Scores" table
+        console = Console(record=True, width=width, color_system=None)
+        print_report(report, console)
+        text = console.export_text()
+        rows = _table_rows(text, "Trials")
+        assert sorted(rows) == [0, 1, 2, 3, 4]
+        for row in rows.values():  # no number cut short (only the params may be)
+            assert "…" not in "".join(row.split("│")[1:-2]), row
+        scores = rows if width == 200 else _table_rows(text, "Scores")
+        for n, (fid, lo, hi, cost) in _NOISY.items():
+            assert f"{fid:.1f} [{lo:.1f}, {hi:.1f}]" in rows[n] and usd(cost) in rows[n]
+            assert "0.0312 ± 0.0041" in scores[n] and "$0.00 " not in rows[n]
+        assert "$0.0105" in rows[1] and "$0.025" in rows[4] and "$0.0042" in rows[4]  # + wasted
+        header = text.split("Trials (5)")[1].split("│ 0")[0]
+        assert "FID [95% CI]" in header and "N=64" in header  # one N for all: in the header
+        assert ("Scores" in text) == (width == 80)
+
+    page = write_html_report(report, tmp_path / "cpu").read_text()
+    for n, (fid, lo, hi, cost) in _NOISY.items():
+        row = page.split(f'data-trial="{n}"', 1)[1].split("</tr>", 1)[0]
+        assert f'<td class="num fid">{fid:.1f} [{lo:.1f}, {hi:.1f}]</td>' in row
+        assert '<td class="num">64</td>' in row and "0.0312 ± 0.0041" in row
+        assert f'<td class="num">{usd(cost)}</td>' in row
+    assert '<td class="num">$0.0105</td>' in page and '<td class="num">$0.0042</td>' in page
+
+    ticks = [label.get_text() for label in pareto_figure(report).axes[0].get_xticklabels()]
+    sub_cent = [t for t in ticks if t not in ("$0.00", "")]
+    assert sub_cent and all(re.fullmatch(r"\$0\.0\d+", t) for t in sub_cent), ticks
+    assert len(set(ticks)) == len(ticks)  # no two ticks rounded to the same label
+
+
 def test_html_report_is_self_contained(data: ReportData, tmp_path: Path):
     from budget_lab.report.html import write_html_report
 
@@ -212,6 +449,15 @@ def test_html_report_is_self_contained(data: ReportData, tmp_path: Path):
     for state, n in (("COMPLETE", 4), ("PRUNED", 1), ("FAIL", 1)):
         assert page.count(f'data-state="{state}"') == n
     assert "mask_ratio-005" in page and "budget cap reached" in page and "0.75" in page
+    # Scores with their noise, and the verdict near the top (before the figures).
+    for header in ("FID [95% CI]", "N", "KID ± std", "alignment [95% CI]"):
+        assert f"<th>{header}</th>" in page
+    assert '<td class="num fid">35.4 [34.6, 36.2]</td>' in page
+    assert '<td class="num alignment">0.612 [0.551, 0.673]</td>' in page
+    assert '<td class="num fid">42.10</td>' in page  # the older trial: no interval
+    verdict = page.index('<p class="verdict" id="verdict">')
+    assert verdict < page.index("<h2>Figures</h2>")
+    assert "Front (not clearly dominated" in page[verdict:]
 
     # No external resource: every src is a file beside index.html; no URL scheme anywhere.
     assert "http://" not in page and "https://" not in page and 'src="//' not in page
@@ -229,6 +475,13 @@ def test_html_report_is_self_contained(data: ReportData, tmp_path: Path):
     write_html_report(data, out)
     assert len(list(out.glob("*.png"))) == 5 + 3
 
+    # The verdict is text: escaped, its lines kept; no verdict, no paragraph.
+    data.verdict = "Best: <b>#5</b> & cheap\nTied: none"
+    page = write_html_report(data, tmp_path / "escaped").read_text()
+    assert "Best: &lt;b&gt;#5&lt;/b&gt; &amp; cheap\nTied: none" in page
+    data.verdict = None
+    assert 'id="verdict"' not in write_html_report(data, tmp_path / "none").read_text()
+
 
 def test_terminal_report(data: ReportData):
     from budget_lab.report.terminal import print_report
@@ -238,7 +491,13 @@ def test_terminal_report(data: ReportData):
     text = console.export_text()
     assert "Sweep mask_ratio" in text and "Trials (6)" in text
     assert "spent $25.80 of $25.00 budget" in text and "wasted $1.10" in text
-    assert "best FID 31.20: trial #5 (mask_ratio-005)" in text
+    assert "lowest FID 31.2 [30.3, 32.1] N=256: trial #5 (mask_ratio-005)" in text
+    # Scores with their noise: FID [95% CI] and N, KID ± std, alignment [95% CI]; an older
+    # trial without an interval shows its FID alone, a trial without a score a dash.
+    assert "FID [95% CI]" in text and "KID ± std" in text and "alignment [95% CI]" in text
+    assert "35.4 [34.6, 36.2]" in text and "31.2 [30.3, 32.1]" in text and "42.10" in text
+    assert "0.0123 ± 0.0021" in text and "0.612 [0.551, 0.673]" in text
+    assert "Front (not clearly dominated" in text  # the verdict
     for state in ("COMPLETE", "PRUNED", "FAIL"):
         assert state in text
     assert text.count("★") == len(PARETO) + 1  # + the column header
@@ -264,6 +523,82 @@ def test_every_renderer_handles_an_empty_report(tmp_path: Path):
         if name != "useful_vs_wasted"
     )
     assert build_report_spec(empty, "team", "budget-lab")["title"] == "Cost report: budget-lab"
+
+
+# --------------------------------------------------------------------------------------------
+# The loader: a real Optuna study (journal file) and ledger in a workspace
+# --------------------------------------------------------------------------------------------
+
+
+def test_loader_reads_intervals_the_sweeps_tolerance_and_a_verdict(tmp_path: Path):
+    import optuna
+
+    from budget_lab.report.load import load_report_data
+    from budget_lab.sweep.storage import default_storage, open_storage
+    from budget_lab.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws").ensure()
+    study = optuna.create_study(
+        study_name="noisy",
+        storage=open_storage(default_storage(ws, "noisy")),
+        directions=["minimize", "minimize"],
+    )
+    space = {"mask_ratio": optuna.distributions.FloatDistribution(0.0, 1.0)}
+
+    def add(mask: float, state, attrs: dict) -> None:
+        done = state == optuna.trial.TrialState.COMPLETE
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"mask_ratio": mask},
+                distributions=space,
+                values=[attrs["fid"], attrs["cost_usd"]] if done else None,
+                state=state,
+                user_attrs=attrs,
+            )
+        )
+
+    complete, pruned = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
+    scores = dict(fid_se=1.02, fid_method="jackknife-20", fid_n=64, fid_n_ref=2000)
+    add(
+        0.25,
+        complete,
+        dict(
+            fid=50.0,
+            fid_ci95=[48.0, 52.0],
+            kid=0.0312,
+            kid_std=0.0041,
+            alignment=0.58,
+            alignment_ci95=[0.52, 0.64],
+            alignment_se=0.031,
+            cost_usd=0.0100,
+            **scores,
+        ),
+    )
+    # 15 % dearer, FID within the noise: on the front only with the sweep's 20 % tolerance.
+    add(0.5, complete, dict(fid=51.0, fid_ci95=[49.0, 53.0], cost_usd=0.0115, **scores))
+    add(0.75, complete, dict(fid=70.0, cost_usd=0.0300))  # an older trial: FID only
+    add(0.9, pruned, dict(cost_usd=0.0020, cut_reason="lagging at $0.002"))
+    (ws.sweep_dir("noisy") / "sweep.json").write_text(
+        json.dumps({"sweep": "noisy", "objective": "pareto", "spec": {"cost_tolerance": 0.2}})
+    )
+
+    data = load_report_data(ws, "noisy")
+    first, second, older, cut = sorted(data.trials, key=lambda t: t.number)
+    assert (first.fid, first.fid_lo, first.fid_hi, first.fid_n) == (50.0, 48.0, 52.0, 64)
+    assert (first.kid, first.kid_std) == (0.0312, 0.0041)
+    assert (first.alignment, first.alignment_lo, first.alignment_hi) == (0.58, 0.52, 0.64)
+    assert second.kid is None and second.alignment is None
+    assert older.fid == 70.0 and older.fid_lo is None and older.fid_n is None
+    assert cut.state == "PRUNED" and cut.fid is None and cut.cost_usd == 0.002
+    assert data.cost_tolerance == 0.2
+    assert {t.number for t in data.trials if t.pareto} == {first.number, second.number}
+    assert data.verdict and "$ within 20% count as equal" in data.verdict
+
+    # The default tolerance when the sweep does not say: the dearer trial leaves the front.
+    (ws.sweep_dir("noisy") / "sweep.json").write_text(json.dumps({"objective": "pareto"}))
+    data = load_report_data(ws, "noisy")
+    assert data.cost_tolerance == 0.1
+    assert {t.number for t in data.trials if t.pareto} == {first.number}
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,8 +648,22 @@ def test_wandb_report_spec_builds_without_network(data: ReportData, no_network):
     assert {p["table"] for p in panels if p["type"] == "table"} == {
         "trials",
         "pareto_front",
+        "scored_trials",
         "spend",
     }
+    # The trials table and the FID-vs-$ data carry the intervals (None for the older trial #0).
+    columns = tables["trials"]["columns"]
+    for name in _INTERVAL_COLUMNS:
+        assert name in columns, name
+    row = dict(zip(columns, tables["trials"]["rows"][1], strict=True))
+    assert (row["fid"], row["fid_lo"], row["fid_hi"], row["fid_n"]) == (35.4, 34.6, 36.2, 256)
+    assert (row["kid"], row["kid_std"]) == (0.0123, 0.0021)
+    assert (row["alignment"], row["alignment_lo"], row["alignment_hi"]) == (0.612, 0.551, 0.673)
+    row = dict(zip(columns, tables["trials"]["rows"][0], strict=True))
+    assert row["fid"] == 42.1 and row["fid_lo"] is None and row["alignment"] is None
+    scored = tables["scored_trials"]
+    assert {"fid_lo", "fid_hi", "fid_n"} <= set(scored["columns"])
+    assert "Verdict" in spec["blocks"][0]["text"]
     for p in panels:  # inside W&B's 24-column grid
         assert 0 <= p["layout"]["x"] and p["layout"]["x"] + p["layout"]["w"] <= 24
 
@@ -379,6 +728,8 @@ def test_sweep_summary_run_offline(data: ReportData, tmp_path: Path, monkeypatch
         assert summary["total_usd"] == pytest.approx(25.80)
         assert summary["wasted_usd"] == pytest.approx(1.10)
         assert summary["best_fid"] == 31.2 and summary["n_trials"] == 6
+        assert (summary["best_fid_lo"], summary["best_fid_hi"]) == (30.3, 32.1)
+        assert summary["verdict"] == data.verdict
     finally:
         run.finish()
 
@@ -389,11 +740,29 @@ def test_sweep_summary_run_offline(data: ReportData, tmp_path: Path, monkeypatch
         assert row[col["trial"]] == t.number and row[col["state"]] == t.state
         assert row[col["fid"]] == t.fid and row[col["cost_usd"]] == pytest.approx(t.cost_usd)
         assert row[col["pareto"]] == t.pareto and row[col["mask_ratio"]] == t.params["mask_ratio"]
+        for name in _INTERVAL_COLUMNS:  # the measurement columns, None where not measured
+            assert row[col[name]] == getattr(t, name), (t.number, name)
 
     front = _logged_table(run_files, "pareto_front")
     assert sorted(r[0] for r in front["data"]) == sorted(PARETO)
     scatter = _logged_table(run_files, "fid_vs_usd_table")  # the wandb.plot.scatter data
     assert sorted(r[2] for r in scatter["data"]) == [0, 1, 2, 5]
+    col = {name: i for i, name in enumerate(scatter["columns"])}
+    by_trial = {r[col["trial"]]: r for r in scatter["data"]}
+    assert [by_trial[5][col[k]] for k in ("fid_lo", "fid_hi", "fid_n")] == [30.3, 32.1, 256]
+    assert by_trial[0][col["fid_lo"]] is None  # older trial: no interval
+    # The intervals as a line plot: a vertical segment (lo, hi at its cost) per trial.
+    segments = _logged_table(run_files, "fid_intervals_plot_table")
+    col = {name: i for i, name in enumerate(segments["columns"])}
+    got = sorted((r[col["trial"]], r[col["cost_usd"]], r[col["fid"]]) for r in segments["data"])
+    assert got == [
+        ("#1", 5.1, 34.6),
+        ("#1", 5.1, 36.2),
+        ("#2", 6.0, 37.1),
+        ("#2", 6.0, 38.9),
+        ("#5", 9.8, 30.3),
+        ("#5", 9.8, 32.1),
+    ]
     steps = _logged_table(run_files, "pareto_front_plot_table")
     assert [r[:2] for r in steps["data"]][:3] == [[3.2, 42.1], [5.1, 42.1], [5.1, 35.4]]
     for key in ("spend_over_time_plot", "spend_by_phase_plot", "useful_vs_wasted_plot"):

@@ -2,7 +2,8 @@
 report of a finished sweep from file://, with every host unresolvable, and we check what it shows.
 
 - ``--dump-dom``: the page after load: one table row per trial, every image loaded (the page's
-  own script sets ``data-images-loaded`` / ``data-images-broken`` on <html>), no console message.
+  own script sets ``data-images-loaded`` / ``data-images-broken`` on <html>), no console message;
+  the scores with their intervals in the table cells and the sweep's verdict near the top.
 - ``--screenshot``: a real, non-blank PNG in which the Pareto front's green line is visible.
 - negative controls: an external resource added to the page is blocked by its
   Content-Security-Policy and reported on the console; a missing figure and a script error are
@@ -86,23 +87,59 @@ def _run_chromium(chromium: str, page: Path, profile: Path, *args: str) -> tuple
 
 
 class _Dom(HTMLParser):
-    """What the checks need from a dumped DOM: <html> attributes, trial rows, images."""
+    """What the checks need from a dumped DOM: <html> attributes, trial rows and their cells'
+    text, images, the text of every element with an id (its first tag), the order of ids."""
 
     def __init__(self, text: str):
         super().__init__()
         self.root: dict[str, str | None] = {}
         self.trial_rows: list[dict[str, str | None]] = []
+        self.cells: list[dict[str, str]] = []  # per trial row: {header: cell text}
+        self.headers: list[str] = []
         self.images: list[str | None] = []
+        self.ids: dict[str, str] = {}  # id -> its text
+        self._open: list[tuple[str, str]] = []  # (tag, id) of elements with an id, open
+        self._cell: list[str] | None = None
+        self._in_th = False
         self.feed(text)
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = dict(attrs)
+        if a.get("id"):
+            self._open.append((tag, a["id"]))  # type: ignore[arg-type]
+            self.ids[a["id"]] = ""  # type: ignore[index]
         if tag == "html":
             self.root = a
         elif tag == "tr" and "trial-row" in (a.get("class") or "").split():
             self.trial_rows.append(a)
+            self.cells.append({})
+        elif tag == "td" and self.trial_rows and len(self.cells[-1]) < len(self.headers):
+            self._cell = []
+        elif tag == "th":
+            self._in_th = True
+            self.headers.append("")
         elif tag == "img":
             self.images.append(a.get("src"))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td" and self._cell is not None:
+            row = self.cells[-1]
+            row[self.headers[len(row)]] = "".join(self._cell).strip()
+            self._cell = None
+        elif tag == "th":
+            self._in_th = False
+        elif tag == "tbody" and self.trial_rows:
+            self.headers = []  # the trials table is over; ignore the others' cells
+        if self._open and self._open[-1][0] == tag:
+            self._open.pop()
+
+    def handle_data(self, data: str) -> None:
+        for _, element in self._open:
+            self.ids[element] += data
+        if self._cell is not None:
+            self._cell.append(data)
+        elif self._in_th:
+            self.headers[-1] += data
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +162,28 @@ def test_report_opens_offline_with_all_trials_and_no_console_errors(chromium, re
     assert len(dom.images) == 8 and "pareto.png" in dom.images
     assert dom.root.get("data-images-loaded") == "8"
     assert dom.root.get("data-images-broken") == "0"
+
+    # Scores with their noise in the table cells; the older trial #0 has an FID only.
+    rows = {int(r["data-trial"]): c for r, c in zip(dom.trial_rows, dom.cells, strict=True)}
+    assert {n: cells["FID [95% CI]"] for n, cells in rows.items()} == {
+        0: "42.10",
+        1: "35.4 [34.6, 36.2]",
+        2: "38.0 [37.1, 38.9]",
+        3: "—",
+        4: "—",
+        5: "31.2 [30.3, 32.1]",
+    }
+    assert rows[1]["N"] == "256" and rows[1]["KID ± std"] == "0.0123 ± 0.0021"
+    assert rows[1]["alignment [95% CI]"] == "0.612 [0.551, 0.673]" and rows[1]["cost"] == "$5.10"
+    # The figure says what its bars are; the verdict is a paragraph above the figures.
+    assert "95% interval" in dom.ids["fig-pareto"]
+    verdict = dom.ids["verdict"]
+    assert verdict.startswith(
+        "Verdict. Lowest FID on the front: mask_ratio=0.75, lr=0.0001, preset=small"
+    )
+    assert "Front (not clearly dominated; $ within 10% count as equal)" in verdict
+    ids = list(dom.ids)
+    assert ids.index("summary") < ids.index("verdict") < ids.index("fig-pareto")
 
 
 def test_report_screenshot_shows_the_pareto_plot(chromium, report, tmp_path):
@@ -172,4 +231,5 @@ def test_checks_catch_a_missing_figure_and_a_script_error(chromium, report, tmp_
     dom = _Dom(out)
     assert dom.root.get("data-images-broken") == "1"
     assert "missing figure: pareto.png" in out
-    assert any(re.search(r"Uncaught ReferenceError: undefinedFunction", m) for m in console)
+    # an injected script is refused by the page's Content-Security-Policy, and says so
+    assert any(re.search(r"Content Security Policy", m) for m in console), console

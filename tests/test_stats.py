@@ -97,8 +97,7 @@ def test_fid_interval_shrinks_with_n():
     widths = {}
     for n in (32, 128, 512):
         ms = [
-            fid_measurement(mu_g + rng.normal(size=(n, 64)) @ chol.T, mu_r, s_r)
-            for _ in range(5)
+            fid_measurement(mu_g + rng.normal(size=(n, 64)) @ chol.T, mu_r, s_r) for _ in range(5)
         ]
         widths[n] = np.mean([m.hi - m.lo for m in ms])
     assert widths[32] > 1.5 * widths[128] and widths[128] > 1.5 * widths[512]

@@ -7,7 +7,7 @@ import optuna
 import pytest
 
 from budget_lab.errors import ConfigError
-from budget_lab.eval.stats import Measurement
+from budget_lab.eval.measurement import Measurement
 from budget_lab.sweep import DollarRungPruner, load_sweep, param_overrides, report_fid
 from budget_lab.sweep.decide import Config, config_from_rows, decide, robust_front, tiers
 
@@ -80,8 +80,15 @@ def test_pareto_decision_marks_the_front_and_ties():
 
 def test_repeats_are_merged_into_one_configuration():
     rows = [
-        {"number": i, "params": {"r": r, "repeat": k}, "fid": f, "fid_ci95": [f - 4, f + 4],
-         "fid_se": 2.0, "fid_n": 64, "cost_usd": 0.004}
+        {
+            "number": i,
+            "params": {"r": r, "repeat": k},
+            "fid": f,
+            "fid_ci95": [f - 4, f + 4],
+            "fid_se": 2.0,
+            "fid_n": 64,
+            "cost_usd": 0.004,
+        }
         for i, (r, k, f) in enumerate(
             [(0.0, 0, 310.0), (0.0, 1, 314.0), (0.0, 2, 312.0), (0.75, 0, 290.0), (0.75, 1, 294.0)]
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
 from datetime import datetime, timezone
 
 from budget_lab.workspace import Workspace, add_workspace_argument
@@ -22,9 +23,19 @@ _SYNC_EPILOG = """\
 examples:
   budget-lab cost sync                          # every launched run folder of the workspace
   budget-lab cost sync --run mask_ratio-007     # one run
+  budget-lab cost sync --rebuild                # a damaged ledger.sqlite: build it anew
 Slurm runs are read from sacct (run it where the Slurm client tools work); local runs from their
 segments.jsonl. Spot clusters read the AWS spot price history with your usual AWS credentials.
+
 """
+
+_REBUILD_NOTE = (
+    "--rebuild: every dollar in the ledger is derived from the run folders (and sacct), so a "
+    "damaged SQLite ledger is recreated from them: the old file is moved aside as "
+    "ledger.sqlite.corrupt-<UTC time> (.old-<UTC time> if it could still be read), never "
+    "deleted. Stop running sweep controllers first (they keep writing to the file they opened). "
+    "Not rebuilt: {not_rebuilt}. A lost ledger needs no flag: a plain sync creates it again."
+)
 
 _CALIBRATE_EPILOG = """\
 examples:
@@ -46,6 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     group_sub = group.add_subparsers(dest="cost_command", metavar="SUBCOMMAND", required=True)
 
+    from budget_lab.ledger.rebuild import NOT_REBUILT
     from budget_lab.ledger.report import FORMATS
     from budget_lab.ledger.store import REPORT_GROUPS
 
@@ -83,11 +95,16 @@ def register(sub: argparse._SubParsersAction) -> None:
             "local runs), price its segments and upsert them: running it again updates, never "
             "duplicates."
         ),
-        epilog=_SYNC_EPILOG,
+        epilog=_SYNC_EPILOG + textwrap.fill(_REBUILD_NOTE.format(not_rebuilt=NOT_REBUILT), 96),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_workspace_argument(sync)
     sync.add_argument("--run", action="append", default=None, help="only this run (repeatable)")
+    sync.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="recreate the SQLite ledger from every run folder, moving the old file aside",
+    )
     sync.add_argument(
         "--sacct-wait",
         type=float,
@@ -179,6 +196,8 @@ def _sync(args: argparse.Namespace) -> int:
 
     _log_warnings()
     workspace = Workspace.from_args(args.workspace)
+    if args.rebuild:
+        return _rebuild(args, workspace)
     with Ledger.for_workspace(workspace) as ledger:
         report = sync_workspace(ledger, workspace, runs=args.run, sacct_wait_s=args.sacct_wait)
         spent, wasted = ledger.spent(), ledger.wasted()
@@ -192,6 +211,40 @@ def _sync(args: argparse.Namespace) -> int:
     for run, error in report.errors.items():
         print(f"budget-lab: error: {run}: {error}", file=sys.stderr)
     return 1 if report.errors else 0
+
+
+def _rebuild(args: argparse.Namespace, workspace: Workspace) -> int:
+    from budget_lab.errors import ConfigError
+    from budget_lab.ledger.rebuild import NOT_REBUILT, rebuild_ledger
+
+    if args.run:
+        raise ConfigError(
+            "--rebuild syncs every run folder of the workspace; leave out --run (or, to sync "
+            "only some runs into the ledger as it is, leave out --rebuild)"
+        )
+    r = rebuild_ledger(workspace, sacct_wait_s=args.sacct_wait)
+    print(
+        f"rebuilt the ledger {r.path} from {r.sync.runs} run folder(s): {r.segments} segment(s), "
+        f"${r.spent_usd:,.2f} (${r.wasted_usd:,.2f} wasted)"
+    )
+    if r.moved_to:
+        what = "damaged" if r.old_state == "corrupt" else "previous"
+        why = f" ({r.old_problem})" if r.old_problem else ""
+        kept = ", ".join(str(p) for p in r.moved_to)
+        print(f"the {what} ledger{why} is kept, moved aside: {kept}")
+    if r.old_state == "readable":
+        print(
+            f"the previous ledger held ${r.old_spent_usd:,.2f} (${r.old_wasted_usd:,.2f} wasted); "
+            f"carried over from it: {r.carried_segments} segment(s) of runs not rebuilt, "
+            f"{r.carried_thresholds} budget threshold record(s)"
+        )
+    else:
+        print(f"not rebuilt: {NOT_REBUILT}")
+    if r.sync.skipped:
+        print(f"not launched (no launch.json), skipped: {', '.join(r.sync.skipped)}")
+    for run, error in r.sync.errors.items():
+        print(f"budget-lab: error: {run}: {error}", file=sys.stderr)
+    return 1 if r.sync.errors else 0
 
 
 def _calibrate(args: argparse.Namespace) -> int:

@@ -194,13 +194,6 @@ def _decision(summary) -> dict:
     }
 
 
-def _usd(x: float) -> str:
-    """Dollars with enough digits for sub-cent trials: $0.0042, $0.000137, $12.34."""
-    if x == 0 or abs(x) >= 0.01:
-        return f"${x:,.4f}" if abs(x) < 100 else f"${x:,.2f}"
-    return f"${x:.3g}"
-
-
 def _interval(t: dict, name: str, digits: int) -> str:
     if t.get(name) is None:
         return "-"
@@ -213,6 +206,8 @@ def _interval(t: dict, name: str, digits: int) -> str:
 def _print_summary(summary, seconds: float) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    from budget_lab.units import usd as _usd
 
     console = Console()
     n = next((t["fid_n"] for t in summary.trials if t.get("fid_n")), None)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import re
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -27,7 +29,7 @@ from budget_lab.config.schema import (
     WandbConfig,
 )
 from budget_lab.errors import ConfigError
-from budget_lab.io import yaml_load
+from budget_lab.io import read_text, yaml_load, yaml_problem
 from model.config import MicroDiTConfig, ModelConfigError, get_preset
 from model.edm import EDMConfig
 
@@ -125,10 +127,33 @@ def _recipe_node(path: Path) -> Any:
     key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
     node = _RECIPE_NODES.get(key)
     if node is None:
-        node = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
+        node = _load_recipe(path)
         _RECIPE_NODES.clear()  # one recipe version at a time is what callers reuse
         _RECIPE_NODES[key] = node
     return node
+
+
+def _load_recipe(path: Path) -> Any:
+    """The recipe file merged onto the RunConfig schema; a file that is not UTF-8 text, not YAML
+    or not a mapping is a ConfigError naming it."""
+    text = read_text(path, "recipe")
+    try:
+        data = yaml_load(text)  # to say what is wrong before OmegaConf reads it
+        loaded = OmegaConf.load(io.StringIO(text))  # OmegaConf's YAML: 1e-4 is a float
+    except yaml.YAMLError as err:
+        raise ConfigError(
+            f"the recipe {path} is not valid YAML: {yaml_problem(err)}. Fix it (compare with "
+            f"{RECIPES_DIR / 'nano.yaml'})"
+        ) from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(
+            f"the recipe {path} must hold a mapping of config keys (model:, phases:, data:, ...; "
+            f"see {RECIPES_DIR / 'nano.yaml'}), not a {type(data).__name__}"
+        )
+    try:
+        return OmegaConf.merge(OmegaConf.structured(RunConfig), loaded)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path}: {_omegaconf_message(err)}") from None
 
 
 def _apply(node: Any, overrides: list[str] | tuple[str, ...], path: Path) -> Any:

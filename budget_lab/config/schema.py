@@ -124,7 +124,9 @@ class EvalConfig:
     resamples: int = 20  # jackknife groups (or bootstrap draws, ~500) for the FID interval
     confidence: float = 0.95  # of every interval (FID, alignment)
     kid_subsets: int = 50  # random subsets for KID's mean and std
-    alignment: str = "auto"  # text alignment on the built-in data: auto (when captions parse), on, off
+    alignment: str = (
+        "auto"  # text alignment on the built-in data: auto (when captions parse), on, off
+    )
 
     def __post_init__(self) -> None:
         _check(self.fid_samples >= 4, "eval.fid_samples", self.fid_samples, "expected >= 4")

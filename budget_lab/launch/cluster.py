@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
 from budget_lab.errors import ConfigError
+from budget_lab.io import read_text, yaml_problem
 
 __all__ = [
     "PriceConfig",
@@ -364,16 +365,20 @@ def load_cluster(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Clu
     The cluster's name defaults to the file name without `.yaml`.
     """
     path = cluster_path(name_or_path)
+    text = read_text(path, "cluster file")
     try:
-        raw = _load_yaml(path.read_text(encoding="utf-8"))
+        raw = _load_yaml(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        raise ConfigError(
+            f"the cluster file {path} is not valid YAML: {yaml_problem(err)}. Fix it (compare "
+            "with a file in clusters/, described in clusters/README.md)"
+        ) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(
-            f"{path} must hold a mapping of cluster keys (see clusters/README.md), "
-            f"not a {type(raw).__name__}"
+            f"the cluster file {path} must hold a mapping of cluster keys (name:, executor:, "
+            f"price:, ...; see clusters/README.md), not a {type(raw).__name__}"
         )
     raw.setdefault("name", path.stem)
     try:
@@ -399,7 +404,9 @@ def load_cluster(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Clu
     except OmegaConfBaseException as err:
         raise ConfigError(f"{path}: {str(err).splitlines()[0]}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: an override value is not valid YAML: {err}") from None
+        raise ConfigError(
+            f"{path}: an override value is not valid YAML: {yaml_problem(err)}"
+        ) from None
     try:
         return cluster_from_dict(data)  # type: ignore[arg-type]
     except ConfigError as err:

@@ -11,21 +11,33 @@ once: a freed slot is refilled within milliseconds, a trial to prune is cut befo
 Best effort in both directions, like systemd's sd_notify: no variable, a job on another host, a
 controller that has exited, a full socket buffer: the datagram is dropped and the next poll finds
 the row in the files, which stay the only source of truth.
+
+The socket's folder (`budget-lab-notify-<pid>-*` in the temporary folder) is removed when the
+listener closes, on an exception too. A controller killed outright (SIGKILL) cannot remove its
+own: the next `Listener` of the same user removes every such folder whose socket no process
+listens on any more.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import shutil
 import socket
+import sys
 import tempfile
 import time
+from pathlib import Path
 
-__all__ = ["ENV_VAR", "Listener", "notify"]
+__all__ = ["ENV_VAR", "Listener", "notify", "remove_stale_folders"]
 
 ENV_VAR = "BUDGET_LAB_NOTIFY_SOCKET"
 _MAX_BYTES = 4096
+_PREFIX = "budget-lab-notify-"
+# A folder without its socket is being set up (microseconds) or was left half-made: removed once
+# it is this old (seconds).
+_UNFINISHED_S = 60.0
 
 
 def notify(message: str) -> bool:
@@ -59,19 +71,24 @@ class Listener:
     def __enter__(self) -> Listener:
         self._saved = os.environ.get(ENV_VAR)
         if hasattr(socket, "AF_UNIX"):
+            remove_stale_folders()
             # A short private folder (mode 0700: only this user can send to it); a socket path is
             # limited to ~100 bytes, a workspace path is not.
-            self._dir = tempfile.mkdtemp(prefix="budget-lab-notify-")
+            self._dir = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-")
             path = os.path.join(self._dir, "sock")
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock = None
             try:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
                 sock.bind(path)
-            except OSError:
-                sock.close()
+                sock.setblocking(False)
+            except BaseException as err:
+                if sock is not None:
+                    sock.close()
                 shutil.rmtree(self._dir, ignore_errors=True)
                 self._dir = None
+                if not isinstance(err, OSError):  # no socket: polling only; anything else raises
+                    raise
             else:
-                sock.setblocking(False)
                 self._sock, self.path = sock, path
                 os.environ[ENV_VAR] = path
         return self
@@ -104,3 +121,46 @@ class Listener:
                 break
             messages.append(data.decode(errors="replace"))
         return messages
+
+
+def remove_stale_folders(tmp_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Remove this user's listener folders in `tmp_dir` (default: the temporary folder) whose
+    socket nobody listens on (their controller was killed); returns them. Never raises."""
+    root = Path(tmp_dir or tempfile.gettempdir())
+    removed = []
+    try:
+        entries = [e for e in os.scandir(root) if e.name.startswith(_PREFIX)]
+    except OSError:
+        return removed
+    for entry in entries:
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if not entry.is_dir(follow_symlinks=False) or st.st_uid != os.getuid():
+            continue
+        if _listened(Path(entry.path) / "sock", st.st_mtime):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        if not os.path.exists(entry.path):
+            removed.append(Path(entry.path))
+    if removed:
+        print(
+            f"budget-lab: removed {len(removed)} notify socket folder(s) of controllers that were "
+            f"killed: {', '.join(p.name for p in removed)}",
+            file=sys.stderr,
+        )
+    return removed
+
+
+def _listened(sock_path: Path, folder_mtime: float) -> bool:
+    """Whether a process still listens on the socket (a connect succeeds; a socket whose owner
+    died refuses it). A folder without its socket counts as in use while young."""
+    if not sock_path.exists():
+        return time.time() - folder_mtime < _UNFINISHED_S
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(str(sock_path))
+        except OSError as err:
+            return err.errno not in (errno.ECONNREFUSED, errno.ENOTSOCK)
+    return True

@@ -4,6 +4,8 @@
   or PostgreSQL; `upsert_segments`, `segments(...)`, `spent(...)`, `wasted(...)`, `report(by)`.
 - `sync_run(ledger, run_dir, cluster)`, `sync_workspace(ledger, workspace)` (sync.py): sacct or
   segments.jsonl -> priced segments, idempotently; wasted dollars at preemptions, failures, cuts.
+- `rebuild_ledger(workspace)` (rebuild.py): a lost or damaged SQLite ledger recreated from the
+  run folders (`budget-lab cost sync --rebuild`); a damaged file raises `LedgerCorruptError`.
 - `PriceBook` (prices.py): fixed, on-demand and AWS spot prices (piecewise over the history).
 - `estimate_run(cfg, cluster, workspace)`, `format_estimate` (estimate.py) on calibrated
   throughput (calibration.py); `check_budget`, `check_figures`, `BudgetGuard` (caps.py).
@@ -29,18 +31,28 @@ from budget_lab.ledger.caps import (
 )
 from budget_lab.ledger.estimate import Estimate, PhaseEstimate, estimate_run, format_estimate
 from budget_lab.ledger.prices import PriceBook, Priced
+from budget_lab.ledger.rebuild import RebuildReport, rebuild_ledger
 from budget_lab.ledger.report import format_report
-from budget_lab.ledger.store import Ledger, LedgerSchemaError, ReportRow, Segment
+from budget_lab.ledger.store import (
+    Ledger,
+    LedgerCorruptError,
+    LedgerSchemaError,
+    ReportRow,
+    Segment,
+)
 from budget_lab.ledger.sync import SyncReport, sync_run, sync_workspace
 
 __all__ = [
     "Ledger",
     "LedgerSchemaError",
+    "LedgerCorruptError",
     "Segment",
     "ReportRow",
     "sync_run",
     "sync_workspace",
     "SyncReport",
+    "rebuild_ledger",
+    "RebuildReport",
     "PriceBook",
     "Priced",
     "estimate_run",

@@ -34,6 +34,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from budget_lab.errors import UserError
+from budget_lab.units import usd
 
 __all__ = [
     "BudgetError",
@@ -84,7 +85,7 @@ def month_scope(now: float) -> str:
 
 
 def _usd(x: float) -> str:
-    return f"${x:,.2f}"
+    return usd(x)
 
 
 def check_figures(

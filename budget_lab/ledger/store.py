@@ -11,12 +11,17 @@ without "database is locked" errors or lost rows. PostgreSQL is used as is (`INS
 CONFLICT`). The schema carries a version in the `meta` table; a ledger written by a newer
 budget-lab is refused instead of being misread. Each process opens its own `Ledger` (an engine
 must not cross a fork).
+
+A damaged SQLite file (not a database, a malformed page, a truncated file) raises
+`LedgerCorruptError`, which names the file and `budget-lab cost sync --rebuild`: every dollar in
+the ledger can be recomputed from the run folders (budget_lab.ledger.rebuild).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
@@ -26,7 +31,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Connection, Engine, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, DatabaseError, NoSuchModuleError
 
 from budget_lab.errors import ConfigError, UserError
 
@@ -38,6 +43,7 @@ __all__ = [
     "UpsertCounts",
     "Ledger",
     "LedgerSchemaError",
+    "LedgerCorruptError",
 ]
 
 #: The schema this code writes. Bump it with a migration in `_MIGRATIONS` when a column changes.
@@ -60,6 +66,23 @@ _CHUNK = 500  # rows per executemany / IN (...) list
 
 class LedgerSchemaError(UserError):
     """The ledger was written by a newer budget-lab (or is not a budget-lab ledger)."""
+
+
+class LedgerCorruptError(UserError):
+    """The SQLite ledger file is damaged: not a database, malformed, truncated."""
+
+    def __init__(self, path: str, detail: str):
+        self.path = path  # the damaged file
+        self.detail = detail  # what SQLite said
+        super().__init__(
+            f"the ledger {path} is damaged ({detail}). Every dollar in it is recomputed from the "
+            "workspace's run folders (and Slurm accounting) by `budget-lab cost sync --rebuild`, "
+            "which moves the damaged file aside (never deletes it) and builds a new ledger"
+        )
+
+
+# SQLite's primary result codes for a damaged file (extended codes carry them in the low byte).
+_SQLITE_CORRUPT, _SQLITE_NOTADB, _SQLITE_CANTOPEN = 11, 26, 14
 
 
 @dataclass
@@ -242,15 +265,45 @@ class Ledger:
     @contextlib.contextmanager
     def _write(self) -> Iterator[Connection]:
         """A write transaction (SQLite: BEGIN IMMEDIATE, so writers queue instead of failing)."""
-        with self.engine.connect() as conn:
+        with self._damage_is_a_user_error(), self.engine.connect() as conn:
             conn = conn.execution_options(ledger_write=True)
             with conn.begin():
                 yield conn
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[Connection]:
-        with self.engine.connect() as conn, conn.begin():
+        with self._damage_is_a_user_error(), self.engine.connect() as conn, conn.begin():
             yield conn
+
+    @contextlib.contextmanager
+    def _damage_is_a_user_error(self) -> Iterator[None]:
+        """A damaged or unopenable SQLite file: a message that names it and says what to do."""
+        try:
+            yield
+        except DatabaseError as err:
+            orig = err.orig
+            code = getattr(orig, "sqlite_errorcode", None)
+            if self.dialect != "sqlite" or not isinstance(orig, sqlite3.Error) or code is None:
+                raise
+            path = self.url.database or "(memory)"
+            if code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+                raise LedgerCorruptError(path, str(orig)) from None
+            if code & 0xFF == _SQLITE_CANTOPEN:
+                raise UserError(
+                    f"cannot open the ledger {path} ({orig}): check that it is a file this user "
+                    "can read and write, in a folder it can write (SQLite adds -wal and -shm "
+                    "files beside it), or set ledger_url in workspace.yaml"
+                ) from None
+            raise
+
+    def check(self) -> str | None:
+        """What is wrong with the database file (SQLite's quick_check), or None when it is sound
+        (PostgreSQL: always None)."""
+        if self.dialect != "sqlite":
+            return None
+        with self._read() as conn:
+            problems = [str(r[0]) for r in conn.exec_driver_sql("PRAGMA quick_check").all()]
+        return None if problems == ["ok"] else "; ".join(problems[:3])
 
     def _ensure_schema(self) -> None:
         with self._write() as conn:
@@ -532,6 +585,12 @@ class Ledger:
         with self._write() as conn:
             stmt = stmt.on_conflict_do_nothing(index_elements=["scope", "threshold"])
             return conn.execute(stmt.returning(_alerts.c.scope)).first() is not None
+
+    def threshold_records(self) -> list[dict[str, Any]]:
+        """Every recorded threshold crossing: {"scope", "threshold", "crossed_at", "spent_usd",
+        "budget_usd"} (what a rebuild carries over from a readable ledger)."""
+        with self._read() as conn:
+            return [dict(r) for r in conn.execute(sa.select(_alerts)).mappings()]
 
     def crossed_thresholds(self, scope: str) -> set[float]:
         """The thresholds already recorded for `scope`."""

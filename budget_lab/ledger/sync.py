@@ -12,7 +12,8 @@ Where the time comes from:
   last row may still be missing or RUNNING: sync polls sacct for up to `sacct_wait_s`.
 - local: the job wrapper's `segments.jsonl`, wall clock x devices (a CPU-only machine is 1). A
   segment without an end row was killed hard; it ends at its last sign of life (a metrics or
-  checkpoint row), or is still running if its process is alive on this host.
+  checkpoint row), or is still running if its process is alive on this host: the rule of
+  `budget_lab.launch.job.segment_rows`, which a job's own spend so far uses too.
 
 Wasted dollars (part of the cost, reported apart from useful spend):
 - a segment that ended without finishing (preempted, requeued, timed out, killed, failed) wastes
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -39,9 +39,11 @@ from pathlib import Path
 from typing import Any
 
 from budget_lab.errors import ConfigError, UserError
+from budget_lab.launch.job import segment_rows
+from budget_lab.launch.status import segment_alive
 from budget_lab.ledger.prices import ClusterLike, PriceBook, Priced, PricePiece
 from budget_lab.ledger.sacct import SacctRecord, poll_sacct, sacct_records
-from budget_lab.ledger.store import Ledger, Segment
+from budget_lab.ledger.store import Ledger, LedgerCorruptError, Segment
 
 __all__ = ["sync_run", "sync_workspace", "SyncReport", "read_launch", "TERMINAL_RUN_STATUSES"]
 
@@ -133,62 +135,35 @@ def read_launch(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
 # -- where the time comes from -------------------------------------------------------------------
 
 
-def _local_segments(run_dir: Path) -> list[dict[str, Any]]:
-    """segments.jsonl as one dict per attempt: start row fields + "end", "status"."""
-    by_attempt: dict[int, dict[str, Any]] = {}
-    for row in _read_jsonl(run_dir / "segments.jsonl"):
-        attempt = row.get("attempt", row.get("segment"))
-        if attempt is None:
-            continue
-        seg = by_attempt.setdefault(int(attempt), {"attempt": int(attempt), "end": None})
-        if row.get("event") == "start":
-            seg.update(
-                job_id=str(row.get("job_id", "")),
-                start=float(row["time"]),
-                host=row.get("host"),
-                pid=row.get("pid"),
-                gpus=int(row.get("gpus", row.get("devices", 1)) or 1),
-                status="running",
-            )
-        elif row.get("event") == "end":
-            seg.update(end=float(row["time"]), status=str(row.get("status", "completed")))
-    return [by_attempt[k] for k in sorted(by_attempt) if "start" in by_attempt[k]]
-
-
-def _alive(host: Any, pid: Any) -> bool:
-    if host != socket.gethostname() or not isinstance(pid, int):
-        return False
+def _segment_rows(run_dir: Path, *, ended_at_last_sign_of_life: bool) -> list[dict[str, Any]]:
+    """segments.jsonl through the job's own reader (`budget_lab.launch.job.segment_rows`), so that
+    the ledger and a job's spend-so-far apply one rule: a segment without an end row whose process
+    is gone was killed hard and ends at its last sign of life."""
+    live = (lambda seg, last: segment_alive(seg)) if ended_at_last_sign_of_life else None
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return segment_rows(run_dir, live)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(
+            f"{run_dir / 'segments.jsonl'} has a malformed row ({type(err).__name__}: {err}); it "
+            "is written by the job wrapper only: restore it from a backup or move the run folder "
+            "out of the workspace"
+        ) from None
 
 
-def _local_spans(
-    run_dir: Path, cluster: ClusterLike, run: str, signs_of_life: list[float], now: float
-) -> list[_Span]:
-    segments = _local_segments(run_dir)
+def _local_spans(run_dir: Path, cluster: ClusterLike, run: str, now: float) -> list[_Span]:
     spans = []
-    for i, seg in enumerate(segments):
-        start = seg["start"]
-        end, state = seg["end"], str(seg["status"]).upper()
-        if end is None:
-            if _alive(seg.get("host"), seg.get("pid")):
-                end, state = now, "RUNNING"
-            else:  # killed hard: it ran until its last sign of life
-                until = segments[i + 1]["start"] if i + 1 < len(segments) else float("inf")
-                seen = [t for t in signs_of_life if start <= t < until]
-                end, state = max(seen, default=start), "KILLED"
+    for seg in _segment_rows(run_dir, ended_at_last_sign_of_life=True):
+        start, end, state = float(seg["start"]), seg["end"], str(seg["status"]).upper()
+        if end is None:  # no end row and its process is alive here: still running
+            end, state = now, "RUNNING"
+        job_id = str(seg.get("job_id") or "")
         spans.append(
             _Span(
-                job_id=seg.get("job_id", ""),
-                key=f"{cluster.name}/{run}/{seg.get('job_id', '')}/{seg['attempt']}",
+                job_id=job_id,
+                key=f"{cluster.name}/{run}/{job_id}/{seg['attempt']}",
                 start=start,
-                seconds=max(end - start, 0.0),
-                gpus=max(int(seg["gpus"]), 1),
+                seconds=max(float(end) - start, 0.0),
+                gpus=max(int(seg.get("devices") or 1), 1),
                 nodes=1,
                 state=state,
             )
@@ -347,7 +322,7 @@ def sync_run(
 
     if executor == "slurm":
         job_ids = [str(j) for j in launch.get("job_ids") or []]
-        for seg in _local_segments(run_path):  # earlier launches of the same run
+        for seg in _segment_rows(run_path, ended_at_last_sign_of_life=False):  # earlier launches
             jid = str(seg.get("job_id") or "")
             if jid and jid not in job_ids:
                 job_ids.append(jid)
@@ -355,10 +330,7 @@ def sync_run(
             job_ids, cluster, status in TERMINAL_RUN_STATUSES, now, sacct_wait_s, sacct_query
         )
     elif executor == "local":
-        life = [float(r["time"]) for r in [*metrics, *checkpoints] if "time" in r]
-        if "updated_at" in result:
-            life.append(float(result["updated_at"]))
-        spans = _local_spans(run_path, cluster, run, life, now)
+        spans = _local_spans(run_path, cluster, run, now)
     else:
         raise ConfigError(
             f"{run_path / 'launch.json'}: executor={executor!r} is unknown; expected slurm or local"
@@ -446,6 +418,8 @@ def sync_workspace(
                 sacct_wait_s=sacct_wait_s,
                 sacct_query=sacct_query,
             )
+        except LedgerCorruptError:  # the ledger, not this run: no other run can be synced either
+            raise
         except UserError as err:
             report.errors[folder.name] = str(err)
             continue

@@ -8,8 +8,14 @@ Money comes in two kinds: *useful* spend produced work that was kept (a checkpoi
 run) and *wasted* spend did not (GPU time after the last checkpoint of a preempted segment, a
 failed run). ``cost_usd`` always includes ``wasted_usd``: useful = cost - wasted.
 
-The helpers below aggregate spend (by phase, cluster, trial, over time) and find the Pareto
-front of FID vs $; every renderer uses them, so the page, the terminal and W&B agree.
+Every score is a measurement: a trial's FID comes with its 95 % interval ``[fid_lo, fid_hi]``
+at ``fid_n`` generated images, KID with its spread, alignment with its interval (all None for a
+trial of an older study, which is then treated as exact at its FID).
+
+The helpers below aggregate spend (by phase, cluster, trial, over time), find the noise-aware
+Pareto front of FID vs $ (`budget_lab.sweep.decide.robust_front`: a trial leaves the front only
+for a difference beyond the noise) and format dollars (`usd`) and scores (`fid_text`, ...);
+every renderer uses them, so the page, the terminal and W&B agree.
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from budget_lab.errors import DataError
+from budget_lab.units import usd
 
 __all__ = [
     "TRIAL_STATES",
     "SUMMARY_FORMAT",
+    "COST_TOLERANCE",
     "TrialRow",
     "SpendRow",
     "ReportData",
@@ -38,13 +46,29 @@ __all__ = [
     "read_report_data",
     "pareto_numbers",
     "mark_pareto",
+    "sweep_verdict",
     "best_trials",
+    "usd",
+    "fid_text",
+    "kid_text",
+    "alignment_text",
     "spend_by",
     "cumulative_spend",
 ]
 
 TRIAL_STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")  # Optuna's names for a trial's state
 SUMMARY_FORMAT = "budget-lab-report/1"  # the "format" key of summary.json; bumped on a change
+COST_TOLERANCE = 0.1  # relative $ differences below this are noise, unless the sweep says otherwise
+# What a sweep writes into summary.json beside the report data (its decisions, read elsewhere).
+_SWEEP_KEYS = (
+    "tiers",
+    "front",
+    "configs",
+    "tied",
+    "tied_with_best",
+    "indistinguishable",
+    "separates",
+)
 
 ParamValue = float | int | str | bool
 
@@ -64,7 +88,15 @@ class TrialRow:
     run_dir: str | None = None  # absolute run folder
     grid_path: str | None = None  # PNG sample grid of the run, if any
     objective_values: list[float] | None = None  # what was told to Optuna (None until told)
-    pareto: bool = False  # on the FID-vs-$ Pareto front of the COMPLETE trials
+    pareto: bool = False  # on the noise-aware FID-vs-$ front of the COMPLETE trials
+    fid_lo: float | None = None  # 95 % interval of the FID at fid_n images; None: no interval
+    fid_hi: float | None = None
+    fid_n: int | None = None  # generated images the FID was computed from
+    kid: float | None = None  # KID (unbiased at any N), mean over subsets
+    kid_std: float | None = None  # its standard deviation over subsets
+    alignment: float | None = None  # text alignment in [0, 1] (built-in data), else None
+    alignment_lo: float | None = None  # its 95 % interval
+    alignment_hi: float | None = None
 
     def __post_init__(self) -> None:
         if self.state not in TRIAL_STATES:
@@ -77,6 +109,16 @@ class TrialRow:
     def useful_usd(self) -> float:
         """Spend that produced kept work."""
         return self.cost_usd - self.wasted_usd
+
+    @property
+    def fid_interval(self) -> tuple[float, float] | None:
+        """(lo, hi) of the FID: its 95 % interval, zero-width at the FID for a trial without
+        one (an older study); None without an FID."""
+        if self.fid is None:
+            return None
+        if self.fid_lo is None or self.fid_hi is None:
+            return (self.fid, self.fid)
+        return (self.fid_lo, self.fid_hi)
 
 
 @dataclass
@@ -113,6 +155,8 @@ class ReportData:
     stop_reason: str | None = None  # why the sweep stopped (budget, n_trials, ...); None if running
     budget_usd: float | None = None  # the sweep's (or month's) cap, when there is one
     generated_at: float = 0.0  # epoch seconds when the data was read
+    verdict: str | None = None  # what the sweep found beyond the noise, in words (decide.py)
+    cost_tolerance: float = COST_TOLERANCE  # the front's "$ within this count as equal"
 
     @property
     def total_usd(self) -> float:
@@ -168,7 +212,7 @@ def report_data_from_dict(raw: Any) -> ReportData:
             f"not a budget-lab report summary (format {found!r}, expected {SUMMARY_FORMAT!r}); "
             "re-create it with `budget-lab report` or the sweep that wrote it"
         )
-    body = {k: v for k, v in raw.items() if k != "format"}
+    body = {k: v for k, v in raw.items() if k != "format" and k not in _SWEEP_KEYS}
     trials = [_build(TrialRow, t, f"trials[{i}]") for i, t in enumerate(body.pop("trials", []))]
     spend = [_build(SpendRow, s, f"spend[{i}]") for i, s in enumerate(body.pop("spend", []))]
     return _build(ReportData, {**body, "trials": trials, "spend": spend}, "report summary")
@@ -213,32 +257,110 @@ def _scored(trials: Iterable[TrialRow]) -> list[TrialRow]:
     ]
 
 
-def pareto_numbers(trials: Iterable[TrialRow]) -> set[int]:
-    """Numbers of the COMPLETE trials that no other trial beats on both FID and $ (both lower
-    is better; a trial is dominated when another is no worse on both and better on one)."""
+def pareto_numbers(trials: Iterable[TrialRow], cost_tolerance: float = COST_TOLERANCE) -> set[int]:
+    """Numbers of the COMPLETE trials on the noise-aware FID-vs-$ front
+    (`budget_lab.sweep.decide.robust_front`): a trial leaves the front only when another is
+    clearly better, i.e. its FID interval lies below this one's or it is cheaper by more than
+    `cost_tolerance` (relative), and clearly worse in neither. A trial without an interval
+    counts as exact at its FID (zero-width interval)."""
+    from budget_lab.eval.measurement import Measurement
+    from budget_lab.sweep.decide import robust_front
+
     scored = _scored(trials)
-    front = set()
+    fids = []
     for t in scored:
-        dominated = any(
-            o.cost_usd <= t.cost_usd
-            and o.fid <= t.fid  # type: ignore[operator]
-            and (o.cost_usd < t.cost_usd or o.fid < t.fid)  # type: ignore[operator]
-            for o in scored
-        )
-        if not dominated:
-            front.add(t.number)
-    return front
+        fid, (lo, hi) = float(t.fid), t.fid_interval  # type: ignore[arg-type, misc]
+        se = (hi - lo) / 3.92  # the 95 % interval is value ± 1.96 se
+        fids.append(Measurement(fid, lo, hi, se, t.fid_n or 0, "interval"))
+    front, _ = robust_front(fids, [t.cost_usd for t in scored], cost_tolerance)
+    return {scored[i].number for i in front}
 
 
-def mark_pareto(trials: Sequence[TrialRow]) -> list[TrialRow]:
+def mark_pareto(
+    trials: Sequence[TrialRow], cost_tolerance: float = COST_TOLERANCE
+) -> list[TrialRow]:
     """Copies of `trials` with `pareto` set from `pareto_numbers` (for loaders)."""
-    front = pareto_numbers(trials)
+    front = pareto_numbers(trials, cost_tolerance)
     return [dataclasses.replace(t, pareto=t.number in front) for t in trials]
+
+
+def sweep_verdict(
+    trials: Iterable[TrialRow],
+    objective: str | None,
+    cost_tolerance: float = COST_TOLERANCE,
+    fid_baseline: float | None = None,
+) -> str | None:
+    """What the sweep found beyond the noise, in words: `budget_lab.sweep.decide.decide` over
+    the COMPLETE trials (repeats of one configuration merged, as the sweep does). `objective`
+    is the sweep's (pareto when unknown); fid_per_dollar ranks by FID points per $ from
+    `fid_baseline` (the untrained model's FID): None without it."""
+    from budget_lab.sweep.decide import config_from_rows, decide, group_repeats
+    from budget_lab.sweep.spec import REPEAT_PARAM
+
+    objective = objective or "pareto"
+    if objective == "fid_per_dollar" and fid_baseline is None:
+        return None
+    rows = []
+    for t in _scored(trials):
+        lo, hi = t.fid_interval  # type: ignore[misc]
+        rows.append(
+            {
+                "number": t.number,
+                "params": t.params,
+                "fid": t.fid,
+                "fid_ci95": [lo, hi],
+                "fid_n": t.fid_n,
+                "cost_usd": t.cost_usd,
+                "alignment": t.alignment,
+                "alignment_ci95": None
+                if t.alignment_lo is None or t.alignment_hi is None
+                else [t.alignment_lo, t.alignment_hi],
+            }
+        )
+    configs = []
+    for key, params, group in group_repeats(rows, REPEAT_PARAM):
+        config = config_from_rows(key, params, group, objective, fid_baseline)
+        if config is not None:
+            configs.append(config)
+    return decide(configs, objective, cost_tolerance).verdict
 
 
 def best_trials(trials: Iterable[TrialRow], n: int) -> list[TrialRow]:
     """The `n` COMPLETE trials with the lowest FID (ties: the cheaper first)."""
     return sorted(_scored(trials), key=lambda t: (t.fid, t.cost_usd, t.number))[:n]
+
+
+# --------------------------------------------------------------------------------------------
+# Text: dollars and scores
+# --------------------------------------------------------------------------------------------
+
+
+def fid_text(t: TrialRow) -> str:
+    """``212.4 [205.1, 219.7]`` with its 95 % interval, ``212.40`` without one, "—" without
+    an FID."""
+    if t.fid is None:
+        return "—"
+    if t.fid_lo is None or t.fid_hi is None:
+        return f"{t.fid:.2f}"
+    return f"{t.fid:.1f} [{t.fid_lo:.1f}, {t.fid_hi:.1f}]"
+
+
+def kid_text(t: TrialRow) -> str:
+    """``0.0123 ± 0.0021`` (KID ± its std over subsets), "—" without a KID."""
+    if t.kid is None:
+        return "—"
+    if t.kid_std is None:
+        return f"{t.kid:.4f}"
+    return f"{t.kid:.4f} ± {t.kid_std:.4f}"
+
+
+def alignment_text(t: TrialRow) -> str:
+    """``0.612 [0.551, 0.673]`` with its interval, "—" without an alignment score."""
+    if t.alignment is None:
+        return "—"
+    if t.alignment_lo is None or t.alignment_hi is None:
+        return f"{t.alignment:.3f}"
+    return f"{t.alignment:.3f} [{t.alignment_lo:.3f}, {t.alignment_hi:.3f}]"
 
 
 # --------------------------------------------------------------------------------------------

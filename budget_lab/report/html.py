@@ -14,11 +14,16 @@ note naming its file, for readers who copied index.html without its PNGs.
 
 The per-trial table is ``<table id="trials">`` with one ``<tr class="trial-row">`` per trial
 (``data-trial`` and ``data-state`` attributes), so scripts and tests can count and filter rows.
+Its scores carry their noise: FID [95% CI] with its N, KID ± std, alignment [95% CI]; costs keep
+their sub-cent digits (`data.usd`). The sweep's verdict (what it told apart beyond the noise and
+what it could not) is ``<p id="verdict">`` near the top.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
 import html
 import math
 import os
@@ -26,19 +31,21 @@ import shutil
 from pathlib import Path
 
 from budget_lab.io import atomic_write_text
-from budget_lab.report.data import ReportData, TrialRow, best_trials, spend_by
+from budget_lab.report.data import (
+    ReportData,
+    TrialRow,
+    alignment_text,
+    best_trials,
+    fid_text,
+    kid_text,
+    spend_by,
+    usd,
+)
 from budget_lab.report.figures import FIGURES, write_figures
 
 __all__ = ["write_html_report", "copy_best_grids", "N_BEST_GRIDS"]
 
 N_BEST_GRIDS = 3  # sample grids shown: the best trials by FID
-
-# Nothing outside the report's folder may load, even if someone edits the page: the browser
-# blocks it (and says so on the console). Inline CSS and the inline script below are allowed.
-_CSP = (
-    "default-src 'none'; img-src 'self' file:; style-src 'unsafe-inline'; "
-    "script-src 'unsafe-inline'"
-)
 
 _CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0;
@@ -70,6 +77,8 @@ tr.pareto td:first-child { box-shadow: inset 4px 0 #1a9850; }
 .state-FAIL { background: #f8d7da; color: #8a1f2b; }
 .state-RUNNING { background: #d9ecf7; color: #1f5f8a; }
 .grids { display: grid; grid-template-columns: repeat(auto-fit, minmax(300px, 1fr)); gap: 14px; }
+.verdict { background: #fff; border: 1px solid #dde1e6; border-left: 4px solid #1a9850;
+           border-radius: 6px; padding: 10px 14px; margin: 16px 0 0; white-space: pre-line; }
 footer { color: #8a939c; font-size: 12px; margin-top: 32px; }
 """
 
@@ -92,9 +101,25 @@ _SCRIPT = """
 })();
 """
 
+
+def _sha256(text: str) -> str:
+    return base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
+
+
+# Nothing but the page's own style, its own script and images in the report's folder may load,
+# even if someone edits the page: the browser blocks anything else (and says so on the console).
+# The hashes are of _CSS and _SCRIPT exactly as they are written into the page.
+_CSP = (
+    "default-src 'none'; img-src 'self'; "
+    f"style-src 'sha256-{_sha256(_CSS)}'; script-src 'sha256-{_sha256(_SCRIPT)}'"
+)
+
+
 _FIGURE_CAPTIONS = {
-    "pareto": "FID vs $ per trial; the green step line is the Pareto front (nothing is both "
-    "cheaper and better). Crosses: pruned and failed trials.",
+    "pareto": "FID vs $ per trial; bars: the FID's 95% interval. The green step line is the "
+    "front within the noise: no other trial is better beyond the noise (FID intervals apart, "
+    "or cheaper beyond the cost tolerance) and no worse in the other. Crosses: pruned and "
+    "failed trials.",
     "spend_over_time": "Cumulative spend: useful (kept work) and wasted (lost work).",
     "spend_by_phase": "Spend by training phase.",
     "spend_by_cluster": "Spend by cluster.",
@@ -104,10 +129,6 @@ _FIGURE_CAPTIONS = {
 
 def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
-
-
-def _usd(x: float | None) -> str:
-    return "—" if x is None else f"${x:,.2f}"
 
 
 def _num(x: float | None, digits: int = 2) -> str:
@@ -168,15 +189,15 @@ def _cards(data: ReportData) -> str:
         if data.count(s)
     )
     cards = [
-        ("spent", _usd(data.total_usd), ""),
-        ("useful", _usd(data.useful_usd), ""),
-        ("wasted", _usd(data.wasted_usd), "wasted"),
+        ("spent", usd(data.total_usd), ""),
+        ("useful", usd(data.useful_usd), ""),
+        ("wasted", usd(data.wasted_usd), "wasted"),
         ("GPU-hours", _num(data.gpu_hours), ""),
         ("trials", str(len(data.trials)), ""),
-        ("best FID", f"{best[0].fid:.2f} (#{best[0].number})" if best else "—", ""),
+        ("lowest FID", f"{fid_text(best[0])} (#{best[0].number})" if best else "—", ""),
     ]
     if data.budget_usd is not None:
-        cards.insert(1, ("budget", _usd(data.budget_usd), ""))
+        cards.insert(1, ("budget", usd(data.budget_usd), ""))
     items = "\n".join(
         f'<div class="card"><div class="label">{_e(label)}</div>'
         f'<div class="value {cls}">{_e(value)}</div></div>'
@@ -185,17 +206,28 @@ def _cards(data: ReportData) -> str:
     return f'<div class="cards" id="summary">\n{items}\n</div>\n<p class="meta">{_e(states)}</p>'
 
 
+def _verdict(data: ReportData) -> str:
+    """The sweep's verdict as a paragraph (its lines kept); "" without one."""
+    if not data.verdict:
+        return ""
+    return f'<p class="verdict" id="verdict"><b>Verdict.</b> {_e(data.verdict)}</p>'
+
+
 def _trial_table(data: ReportData) -> str:
     keys = sorted({k for t in data.trials for k in t.params})
-    head = ["#", "state", "FID", "cost", "wasted", "GPU-h", "Pareto", "run", *keys]
+    head = ["#", "state", "FID [95% CI]", "N", "KID ± std", "alignment [95% CI]", "cost"]
+    head += ["wasted", "GPU-h", "Pareto", "run", *keys]
     rows = []
     for t in sorted(data.trials, key=lambda t: t.number):
         cells = [
             f'<td class="num">{t.number}</td>',
             f'<td><span class="state state-{_e(t.state)}">{_e(t.state)}</span></td>',
-            f'<td class="num">{_num(t.fid)}</td>',
-            f'<td class="num">{_usd(t.cost_usd)}</td>',
-            f'<td class="num">{_usd(t.wasted_usd)}</td>',
+            f'<td class="num fid">{_e(fid_text(t))}</td>',
+            f'<td class="num">{"—" if t.fid_n is None else t.fid_n}</td>',
+            f'<td class="num kid">{_e(kid_text(t))}</td>',
+            f'<td class="num alignment">{_e(alignment_text(t))}</td>',
+            f'<td class="num">{usd(t.cost_usd)}</td>',
+            f'<td class="num">{usd(t.wasted_usd)}</td>',
             f'<td class="num">{_num(t.gpu_hours)}</td>',
             f"<td>{'&#9733;' if t.pareto else ''}</td>",
             f"<td>{_e(t.run or '—')}</td>",
@@ -226,8 +258,8 @@ def _spend_table(data: ReportData) -> str:
         clusters.setdefault(name, set()).add(row.cluster)
     rows = "\n".join(
         f"<tr><td>{_e(run)}</td><td>{_e(', '.join(sorted(clusters[run])))}</td>"
-        f'<td class="num">{_num(gpu_h[run])}</td><td class="num">{_usd(u + w)}</td>'
-        f'<td class="num">{_usd(u)}</td><td class="num wasted">{_usd(w)}</td></tr>'
+        f'<td class="num">{_num(gpu_h[run])}</td><td class="num">{usd(u + w)}</td>'
+        f'<td class="num">{usd(u)}</td><td class="num wasted">{usd(w)}</td></tr>'
         for run, (u, w) in runs.items()
     )
     return (
@@ -253,8 +285,8 @@ def _grids(grids: list[tuple[TrialRow, str]]) -> str:
         return '<p class="meta">No sample grids: no finished trial has one yet.</p>'
     items = "\n".join(
         f'<figure class="grid"><img src="{_e(name)}" alt="samples of trial {t.number}">'
-        f"<figcaption>trial #{t.number} ({_e(t.run or '')}): FID {_num(t.fid)}, "
-        f"{_usd(t.cost_usd)}</figcaption></figure>"
+        f"<figcaption>trial #{t.number} ({_e(t.run or '')}): FID {_e(fid_text(t))}, "
+        f"{usd(t.cost_usd)}</figcaption></figure>"
         for t, name in grids
     )
     return f'<div class="grids">\n{items}\n</div>'
@@ -296,6 +328,7 @@ def write_html_report(data: ReportData, out_dir: str | os.PathLike[str]) -> Path
 <h1>{_e(data.title)}</h1>
 <p class="meta">{" &middot; ".join(meta)}</p>
 {_cards(data)}
+{_verdict(data)}
 <h2>Figures</h2>
 {_figures(files)}
 <h2>Trials ({len(data.trials)})</h2>

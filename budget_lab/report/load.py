@@ -1,4 +1,10 @@
-"""Read a report's data from a workspace: the sweep's Optuna study and the dollar ledger."""
+"""Read a report's data from a workspace: the sweep's Optuna study and the dollar ledger.
+
+A trial's scores are its Optuna user attributes (`budget_lab.sweep.controller._SCORE_ATTRS`):
+fid with fid_ci95 ([lo, hi]) and fid_n, kid and kid_std, alignment with alignment_ci95; a trial of
+an older study has only fid (its interval fields stay None). The sweep's settings (objective,
+cost_tolerance, ...) come from ``sweeps/<name>/sweep.json`` when the sweep wrote one.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,14 @@ import time
 from pathlib import Path
 
 from budget_lab.errors import UserError
-from budget_lab.report.data import ReportData, SpendRow, TrialRow, mark_pareto
+from budget_lab.report.data import (
+    COST_TOLERANCE,
+    ReportData,
+    SpendRow,
+    TrialRow,
+    mark_pareto,
+    sweep_verdict,
+)
 
 __all__ = ["load_report_data", "list_sweeps_in"]
 
@@ -36,6 +49,53 @@ def _grid(run_dir: str | None) -> str | None:
     return str(pngs[-1]) if pngs else None
 
 
+def _pair(value) -> tuple[float | None, float | None]:
+    """(lo, hi) of a stored ``[lo, hi]`` interval; (None, None) when absent or malformed."""
+    if isinstance(value, (list, tuple)) and len(value) == 2 and None not in value:
+        return float(value[0]), float(value[1])
+    return None, None
+
+
+def _scores(attrs: dict) -> dict:
+    """TrialRow's score fields from a trial's user attributes (None where absent)."""
+    fid_lo, fid_hi = _pair(attrs.get("fid_ci95"))
+    alignment_lo, alignment_hi = _pair(attrs.get("alignment_ci95"))
+    n = attrs.get("fid_n")
+    return {
+        "fid": attrs.get("fid"),
+        "fid_lo": fid_lo,
+        "fid_hi": fid_hi,
+        "fid_n": int(n) if n is not None else None,
+        "kid": attrs.get("kid"),
+        "kid_std": attrs.get("kid_std"),
+        "alignment": attrs.get("alignment"),
+        "alignment_lo": alignment_lo,
+        "alignment_hi": alignment_hi,
+    }
+
+
+def _cost_tolerance(state: dict) -> float:
+    """The sweep's cost_tolerance: sweep.json's own key, or its frozen spec's; else the default."""
+    spec = state.get("spec") if isinstance(state.get("spec"), dict) else {}
+    value = state.get("cost_tolerance", spec.get("cost_tolerance"))
+    return float(value) if isinstance(value, (int, float)) else COST_TOLERANCE
+
+
+def _read_json(path: Path) -> dict:
+    """The JSON object in `path`; {} when the file is missing or not a JSON object."""
+    try:
+        raw = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
+
+
+def _fid_baseline(folder: Path) -> float | None:
+    """fid_per_dollar's untrained-model FID from the sweep's fid_ref.json, when it holds one."""
+    values = list(_read_json(folder / "fid_ref.json").values())
+    return float(values[0]) if len(values) == 1 else None
+
+
 def load_report_data(workspace, sweep: str | None = None, storage: str | None = None) -> ReportData:
     """Trials of `sweep` (all runs' spend when None) and the ledger's priced segments."""
     import optuna
@@ -59,8 +119,9 @@ def load_report_data(workspace, sweep: str | None = None, storage: str | None = 
         for s in segments
     ]
     trials: list[TrialRow] = []
-    objective = formula = stop_reason = None
+    objective = formula = stop_reason = verdict = None
     budget = None
+    tolerance = COST_TOLERANCE
     if sweep is not None:
         known = list_sweeps_in(workspace)
         if storage is None and sweep not in known:
@@ -89,7 +150,6 @@ def load_report_data(workspace, sweep: str | None = None, storage: str | None = 
                     if t.state.name in ("COMPLETE", "PRUNED", "FAIL")
                     else "RUNNING",
                     params=dict(t.params),
-                    fid=t.user_attrs.get("fid"),
                     cost_usd=sum(s.cost_usd for s in segs) or t.user_attrs.get("cost_usd", 0.0),
                     gpu_hours=sum(s.gpu_seconds for s in segs) / 3600,
                     wasted_usd=sum(s.wasted_usd for s in segs),
@@ -97,22 +157,31 @@ def load_report_data(workspace, sweep: str | None = None, storage: str | None = 
                     run_dir=t.user_attrs.get("run_dir"),
                     grid_path=_grid(t.user_attrs.get("run_dir")),
                     objective_values=list(t.values) if t.values else None,
+                    **_scores(t.user_attrs),
                 )
             )
-        state_path = workspace.sweep_dir(sweep) / "sweep.json"
-        if state_path.is_file():
-            state = json.loads(state_path.read_text())
-            objective, formula = state.get("objective"), state.get("objective_formula")
-            stop_reason, budget = state.get("stop_reason"), state.get("budget_usd")
+        folder = workspace.sweep_dir(sweep)
+        state = _read_json(folder / "sweep.json")
+        objective, formula = state.get("objective"), state.get("objective_formula")
+        stop_reason, budget = state.get("stop_reason"), state.get("budget_usd")
+        tolerance = _cost_tolerance(state)
+        # The verdict from these trials (as the sweep decides); the sweep's own words otherwise.
+        verdict = (
+            sweep_verdict(trials, objective, tolerance, _fid_baseline(folder))
+            or state.get("verdict")
+            or _read_json(folder / "summary.json").get("verdict")
+        )
     data = ReportData(
         title=f"Sweep {sweep}" if sweep else f"Spend in {workspace.root}",
         sweep=sweep,
         objective=objective,
         objective_formula=formula,
-        trials=mark_pareto(trials),
+        trials=mark_pareto(trials, tolerance),
         spend=spend,
         stop_reason=stop_reason,
         budget_usd=budget,
         generated_at=time.time(),
+        verdict=verdict,
+        cost_tolerance=tolerance,
     )
     return data

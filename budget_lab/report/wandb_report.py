@@ -6,6 +6,10 @@ Two pieces, both built from the same `summary_tables`:
    ``cost-summary``) that logs the trials table, the Pareto front as a table and as a plot, FID
    vs $ as a scatter plot, spend tables and bar/line plots, and the totals in its summary. A sweep
    logs it when it ends (offline without an API key; `wandb sync` uploads it later).
+   Every score carries its noise: the trials table has fid_lo / fid_hi (95 % interval), fid_n,
+   kid ± kid_std and alignment with alignment_lo / alignment_hi; the FID-vs-$ data
+   (``scored_trials``) has fid_lo / fid_hi, and since W&B's charts draw no error bars, the
+   intervals are also a line plot with one vertical segment per trial (``fid_intervals_plot``).
 2. The *report* (`build_report_spec` -> `build_wandb_report` -> ``Report.save()``): a "Cost
    report" page with panels over the summary run's tables. `build_report_spec` is plain data
    (JSON) and needs no network; `build_wandb_report` turns it into ``wandb_workspaces`` objects,
@@ -27,7 +31,15 @@ from urllib.parse import urlparse
 
 from budget_lab.errors import UserError
 from budget_lab.io import atomic_write_text
-from budget_lab.report.data import ReportData, TrialRow, best_trials, cumulative_spend, spend_by
+from budget_lab.report.data import (
+    ReportData,
+    TrialRow,
+    best_trials,
+    cumulative_spend,
+    fid_text,
+    spend_by,
+    usd,
+)
 
 __all__ = [
     "WandbUnavailableError",
@@ -45,7 +57,24 @@ __all__ = [
 
 SPEC_FILE = "wandb_report_spec.json"  # written beside the HTML report by push_wandb_report
 
-_TRIAL_COLUMNS = ["trial", "state", "fid", "cost_usd", "wasted_usd", "gpu_hours", "pareto", "run"]
+_TRIAL_COLUMNS = [
+    "trial",
+    "state",
+    "fid",
+    "fid_lo",  # the FID's 95 % interval; None for a trial without one (an older study)
+    "fid_hi",
+    "fid_n",  # generated images the FID was computed from
+    "kid",
+    "kid_std",
+    "alignment",
+    "alignment_lo",
+    "alignment_hi",
+    "cost_usd",
+    "wasted_usd",
+    "gpu_hours",
+    "pareto",
+    "run",
+]
 # Plots logged by the summary run: key -> (wandb.plot function, table, its fields, title).
 # wandb stores each plot's data under "<key>_table"; the report's custom charts read that key.
 _PLOTS: dict[str, tuple[str, str, dict[str, str], str]] = {
@@ -55,6 +84,12 @@ _PLOTS: dict[str, tuple[str, str, dict[str, str], str]] = {
         "pareto_steps",
         {"x": "cost_usd", "y": "fid"},
         "Pareto front (FID vs $)",
+    ),
+    "fid_intervals_plot": (
+        "line",
+        "fid_intervals",
+        {"x": "cost_usd", "y": "fid", "stroke": "trial"},
+        "FID 95% intervals vs $",
     ),
     "spend_over_time_plot": (
         "line",
@@ -117,7 +152,9 @@ def _param_columns(data: ReportData) -> list[tuple[str, str]]:
 
 
 def _trial_row(t: TrialRow, params: list[tuple[str, str]]) -> list[Any]:
-    base = [t.number, t.state, t.fid, t.cost_usd, t.wasted_usd, t.gpu_hours, t.pareto, t.run]
+    base = [t.number, t.state, t.fid, t.fid_lo, t.fid_hi, t.fid_n, t.kid, t.kid_std]
+    base += [t.alignment, t.alignment_lo, t.alignment_hi]
+    base += [t.cost_usd, t.wasted_usd, t.gpu_hours, t.pareto, t.run]
     return base + [t.params.get(k) for k, _ in params]
 
 
@@ -131,10 +168,14 @@ def _scalars(data: ReportData) -> dict[str, Any]:
         "n_trials": len(data.trials),
         **{f"n_{s.lower()}": data.count(s) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")},
         "best_fid": best[0].fid if best else None,
+        "best_fid_lo": best[0].fid_lo if best else None,
+        "best_fid_hi": best[0].fid_hi if best else None,
+        "best_fid_n": best[0].fid_n if best else None,
         "best_trial": best[0].number if best else None,
         "best_cost_usd": best[0].cost_usd if best else None,
         "budget_usd": data.budget_usd,
         "stop_reason": data.stop_reason,
+        "verdict": data.verdict,
     }
 
 
@@ -142,8 +183,10 @@ def summary_tables(data: ReportData) -> dict[str, tuple[list[str], list[list[Any
     """Every table of the summary run: ``{name: (columns, rows)}``.
 
     trials / pareto_front: one row per trial (parameters as extra columns); scored_trials: the
-    trials with an FID (the scatter plot); pareto_steps: the front as a step line (a corner
-    point is added between two front trials); spend: the ledger rows; spend_over_time: the
+    trials with an FID (the scatter plot), with fid_lo / fid_hi / fid_n; fid_intervals: each
+    such trial's interval as two points (cost, lo) and (cost, hi) of its own series, a vertical
+    segment in a line plot (W&B draws no error bars); pareto_steps: the front as a step line (a
+    corner point is added between two front trials); spend: the ledger rows; spend_over_time: the
     cumulative total, useful and wasted spend (one series each); spend_by_phase / cluster /
     trial and useful_vs_wasted: the bar charts.
     """
@@ -173,8 +216,21 @@ def summary_tables(data: ReportData) -> dict[str, tuple[list[str], list[list[Any
         "trials": (trial_columns, [_trial_row(t, params) for t in trials]),
         "pareto_front": (trial_columns, [_trial_row(t, params) for t in front]),
         "scored_trials": (
-            ["cost_usd", "fid", "trial", "state"],
-            [[t.cost_usd, t.fid, t.number, t.state] for t in trials if t.fid is not None],
+            ["cost_usd", "fid", "trial", "state", "fid_lo", "fid_hi", "fid_n"],
+            [
+                [t.cost_usd, t.fid, t.number, t.state, t.fid_lo, t.fid_hi, t.fid_n]
+                for t in trials
+                if t.fid is not None
+            ],
+        ),
+        "fid_intervals": (
+            ["cost_usd", "fid", "trial", "bound"],
+            [
+                [t.cost_usd, value, f"#{t.number}", bound]
+                for t in trials
+                if t.fid is not None and t.fid_lo is not None and t.fid_hi is not None
+                for bound, value in (("lo", t.fid_lo), ("hi", t.fid_hi))
+            ],
         ),
         "pareto_steps": (["cost_usd", "fid", "trial"], steps),
         "spend": (
@@ -305,9 +361,9 @@ def _chart(key: str, layout: dict[str, int]) -> dict[str, Any]:
 
 def _description(data: ReportData) -> str:
     lines = [
-        f"- **Spent:** ${data.total_usd:,.2f}"
-        + (f" of a ${data.budget_usd:,.2f} budget" if data.budget_usd is not None else ""),
-        f"- **Useful / wasted:** ${data.useful_usd:,.2f} / ${data.wasted_usd:,.2f} "
+        f"- **Spent:** {usd(data.total_usd)}"
+        + (f" of a {usd(data.budget_usd)} budget" if data.budget_usd is not None else ""),
+        f"- **Useful / wasted:** {usd(data.useful_usd)} / {usd(data.wasted_usd)} "
         f"({data.gpu_hours:,.2f} GPU-hours)",
         f"- **Trials:** {len(data.trials)} ("
         + ", ".join(
@@ -318,8 +374,9 @@ def _description(data: ReportData) -> str:
     best = best_trials(data.trials, 1)
     if best:
         b = best[0]
+        n = f" N={b.fid_n}" if b.fid_n is not None else ""
         lines.append(
-            f"- **Best FID:** {b.fid:.2f}, trial #{b.number} ({b.run}) for ${b.cost_usd:,.2f}"
+            f"- **Lowest FID:** {fid_text(b)}{n}, trial #{b.number} ({b.run}) for {usd(b.cost_usd)}"
         )
     if data.objective_formula or data.objective:
         lines.append(f"- **Objective:** `{data.objective_formula or data.objective}`")
@@ -327,6 +384,8 @@ def _description(data: ReportData) -> str:
         lines.append(f"- **Stopped:** {data.stop_reason}")
     elif data.sweep:
         lines.append("- Still running")
+    if data.verdict:
+        lines += ["", "**Verdict.** " + data.verdict.replace("\n", "  \n")]
     return "\n".join(lines)
 
 
@@ -367,7 +426,9 @@ def build_report_spec(data: ReportData, entity: str | None, project: str) -> dic
                 "panels": [
                     _chart("fid_vs_usd", _layout(0, 0, 12, 9)),
                     _chart("pareto_front_plot", _layout(12, 0, 12, 9)),
-                    {"type": "table", "table": "pareto_front", "layout": _layout(0, 9, 24, 7)},
+                    _chart("fid_intervals_plot", _layout(0, 9, 12, 9)),
+                    {"type": "table", "table": "scored_trials", "layout": _layout(12, 9, 12, 9)},
+                    {"type": "table", "table": "pareto_front", "layout": _layout(0, 18, 24, 7)},
                 ],
             },
             {"type": "h2", "text": "Spend"},

@@ -30,7 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from budget_lab.eval.stats import Measurement, mean_over_repeats
+from budget_lab.eval.measurement import Measurement, mean_over_repeats
+from budget_lab.units import usd
 
 __all__ = ["Config", "Decision", "decide", "group_repeats", "tiers", "robust_front"]
 
@@ -134,9 +135,7 @@ def _fmt(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) and math.isfinite(v) else str(v)
 
 
-def decide(
-    configs: list[Config], objective: str, cost_tolerance: float = 0.1
-) -> Decision:
+def decide(configs: list[Config], objective: str, cost_tolerance: float = 0.1) -> Decision:
     """Best and ties, tiers, (pareto) the noise-aware front, and the verdict in words."""
     decision = Decision(configs=configs)
     if not configs:
@@ -147,15 +146,18 @@ def decide(
     ranked = [[configs[i].key for i in tier] for tier in tiers(scores)]
     decision.tiers = ranked
     if objective == "pareto":
-        front, groups = robust_front([c.fid for c in configs], [c.cost_usd for c in configs],
-                                     cost_tolerance)
+        front, groups = robust_front(
+            [c.fid for c in configs], [c.cost_usd for c in configs], cost_tolerance
+        )
         decision.front = [configs[i].key for i in front]
         decision.indistinguishable = [[configs[i].key for i in g] for g in groups]
         # Best: the lowest FID on the front; tied: front points whose FID overlaps it.
         best = min(front, key=lambda i: (configs[i].fid.value, configs[i].cost_usd))
         decision.best = configs[best].key
         decision.tied_with_best = [
-            configs[i].key for i in front if i != best and configs[i].fid.overlaps(configs[best].fid)
+            configs[i].key
+            for i in front
+            if i != best and configs[i].fid.overlaps(configs[best].fid)
         ]
     else:
         decision.best = ranked[0][0]
@@ -168,7 +170,7 @@ def _describe(c: Config, objective: str) -> str:
     what = "FID" if objective in ("pareto", "fid_at_budget") else "FID points per $"
     score = c.fid if objective in ("pareto", "fid_at_budget") else _unoriented(c.score)
     reps = f", {len(c.trials)} repeats" if len(c.trials) > 1 else ""
-    return f"{c.key} ({what} {score.text()}, ${c.cost_usd:.4f}{reps})"
+    return f"{c.key} ({what} {score.text()}, {usd(c.cost_usd)}{reps})"
 
 
 def _unoriented(m: Measurement) -> Measurement:
@@ -180,18 +182,23 @@ def _verdict(d: Decision, by_key: dict[str, Config], objective: str, tolerance: 
     lines = []
     best = by_key[d.best] if d.best else None
     if best is not None:
+        label = "Lowest FID on the front" if objective == "pareto" else "Best"
+        others = "every other front point" if objective == "pareto" else "every other"
         if d.tied_with_best:
             tied = "; ".join(_describe(by_key[k], objective) for k in d.tied_with_best)
             lines.append(
-                f"Best: {_describe(best, objective)}, tied within the noise with {tied}."
+                f"{label}: {_describe(best, objective)}, tied within the noise with {tied}."
             )
         else:
-            lines.append(f"Best: {_describe(best, objective)}, ahead of every other beyond the noise.")
+            lines.append(
+                f"{label}: {_describe(best, objective)}, ahead of {others} beyond the noise."
+            )
     if len(d.tiers) >= 2:
         parts = [f"tier {n}: " + ", ".join(t) for n, t in enumerate(d.tiers, 1)]
         lines.append(
             "Separated into groups with non-overlapping 95% intervals (best first): "
-            + " | ".join(parts) + "."
+            + " | ".join(parts)
+            + "."
         )
     else:
         lines.append(
@@ -201,7 +208,9 @@ def _verdict(d: Decision, by_key: dict[str, Config], objective: str, tolerance: 
     not_told = [t for t in d.tiers if len(t) > 1]
     if not_told:
         lines.append(
-            "Indistinguishable from each other: " + "; ".join("{" + ", ".join(t) + "}" for t in not_told) + "."
+            "Indistinguishable from each other: "
+            + "; ".join("{" + ", ".join(t) + "}" for t in not_told)
+            + "."
         )
     if objective == "pareto" and d.front:
         lines.append(
@@ -233,8 +242,15 @@ def config_from_rows(
         # (F0 - F) / C, maximised: stored negated so that lower is better.
         value = (fid_baseline - fid.value) / cost
         half_lo, half_hi = (fid.hi - fid.value) / cost, (fid.value - fid.lo) / cost
-        score = Measurement(-value, -value - half_lo, -value + half_hi, fid.se / cost, fid.n,
-                            fid.method, fid.confidence)
+        score = Measurement(
+            -value,
+            -value - half_lo,
+            -value + half_hi,
+            fid.se / cost,
+            fid.n,
+            fid.method,
+            fid.confidence,
+        )
     else:
         score = fid
     aligned = [r for r in scored if r.get("alignment") is not None and r.get("alignment_ci95")]
@@ -252,6 +268,11 @@ def _measurement(row: dict[str, Any], name: str, confidence: float) -> Measureme
     if se is None:
         se = (hi - lo) / 3.92
     return Measurement(
-        float(row[name]), float(lo), float(hi), float(se), int(row.get(f"{name}_n") or 0),
-        str(row.get(f"{name}_method") or "interval"), confidence,
+        float(row[name]),
+        float(lo),
+        float(hi),
+        float(se),
+        int(row.get(f"{name}_n") or 0),
+        str(row.get(f"{name}_method") or "interval"),
+        confidence,
     )

@@ -12,15 +12,23 @@ in sweep.json:
   for a database several controllers on several machines share.
 
 A workspace made by an older budget-lab keeps its `study.db`: the default finds it and resumes.
+
+A journal append holds the journal's lock (`study.journal.lock`, a symbolic link) for
+milliseconds. A controller killed while holding it (SIGKILL, a lost node) leaves it behind, and
+Optuna would make every later writer wait 30 s before taking it over. The lock used here first
+removes a lock older than `STALE_LOCK_S`, with a message, so a restarted controller goes on at once.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import sys
+import time
 from pathlib import Path
 
 import optuna
+from optuna.storages.journal import JournalFileSymlinkLock
 
 from budget_lab.errors import ConfigError
 
@@ -31,10 +39,15 @@ __all__ = [
     "is_journal",
     "study_exists",
     "JOURNAL_NAME",
+    "STALE_LOCK_S",
+    "remove_stale_lock",
 ]
 
 JOURNAL_NAME = "study.journal"
 SQLITE_NAME = "study.db"  # the default of budget-lab <= 0.1: still found and resumed
+#: A journal lock older than this (seconds) was left by a killed process: an append holds it for
+#: milliseconds. Also Optuna's own grace period when a lock it waits on stops changing.
+STALE_LOCK_S = 10
 
 
 def default_storage(workspace, sweep: str) -> str:
@@ -92,7 +105,54 @@ def open_storage(storage: str) -> optuna.storages.BaseStorage | str:
     check_storage(storage)
     path = _journal_path(storage)
     _drop_torn_line(path)
-    return JournalStorage(JournalFileBackend(str(path)))
+    return JournalStorage(JournalFileBackend(str(path), lock_obj=_JournalLock(str(path))))
+
+
+class _JournalLock(JournalFileSymlinkLock):
+    """Optuna's symlink lock (compatible with any other writer of the journal) that takes over a
+    lock left by a killed process at once instead of after a 30 s wait."""
+
+    def __init__(self, filepath: str) -> None:
+        super().__init__(filepath, grace_period=STALE_LOCK_S)
+        self._lock_path = Path(filepath + ".lock")  # Optuna's name for it (LOCK_FILE_SUFFIX)
+
+    def acquire(self) -> bool:
+        remove_stale_lock(self._lock_path)
+        return super().acquire()
+
+
+def remove_stale_lock(lock: Path, stale_s: float = STALE_LOCK_S) -> bool:
+    """Remove the journal lock `lock` if it is older than `stale_s` (its holder was killed: a
+    journal append holds it for milliseconds). True when it was removed; a message says so."""
+    try:
+        seen = os.lstat(lock)  # the link itself: its time is when it was taken
+    except FileNotFoundError:
+        return False
+    age = time.time() - seen.st_mtime
+    if age < stale_s:
+        return False
+    # Rename, then check that what was renamed is the lock looked at: a waiter that took over the
+    # stale lock in between keeps its own (put back; the window is microseconds).
+    aside = lock.with_name(f"{lock.name}.stale-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        os.rename(lock, aside)
+    except FileNotFoundError:  # released (or taken over) meanwhile
+        return False
+    moved = os.lstat(aside)
+    if (moved.st_ino, moved.st_mtime_ns) != (seen.st_ino, seen.st_mtime_ns):
+        try:
+            os.link(aside, lock, follow_symlinks=False)
+        except FileExistsError:
+            pass
+        os.unlink(aside)
+        return False
+    os.unlink(aside)
+    print(
+        f"warning: {lock}: removed a stale lock ({age:.0f} s old) left by a controller that was "
+        "killed while writing the journal; a journal append holds it for milliseconds",
+        file=sys.stderr,
+    )
+    return True
 
 
 def _drop_torn_line(path: Path) -> None:
