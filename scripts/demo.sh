@@ -3,11 +3,12 @@
 #
 #   budget-lab sweep mask_ratio
 #
-# five `nano` trials at mask ratios 0 ... 0.9 on this machine (local executor), each a short
-# masked pretraining then an unmasked finetune, judged on real Inception FID and dollars (the
-# local machine at clusters/local.yaml's $/hour): Optuna study in a journal file, the dollar
-# ledger in SQLite, W&B offline, the built-in synthetic captioned data made on first use. It prints the
-# trials, the Pareto front of FID against $, and leaves workspace/ (study, ledger, runs,
+# four `nano` trials at mask ratios 0, 0.5, 0.75 and 0.9 on this machine (local executor), each
+# spending the same $0.005 of the machine (a masked pretraining, then an unmasked finetune), judged
+# on real Inception FID at N = 256 with its 95% interval, KID and the built-in data's text
+# alignment: Optuna study in a journal file, the dollar ledger in SQLite, W&B offline, the
+# built-in synthetic captioned data made on first use. It prints the trials, the verdict (which
+# ratios are apart beyond the noise, which are tied) and leaves workspace/ (study, ledger, runs,
 # summary.json and the HTML report at workspace/sweeps/mask_ratio/report/index.html).
 # Running it again resumes the study (nothing is trained twice).
 # Knobs: BUDGET_LAB_WORKSPACE (default ./workspace); extra arguments go to `budget-lab sweep`.

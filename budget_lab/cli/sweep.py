@@ -213,8 +213,11 @@ def _print_summary(summary, seconds: float) -> None:
     n = next((t["fid_n"] for t in summary.trials if t.get("fid_n")), None)
     table = Table(title=f"sweep {summary.sweep} ({summary.objective})")
     columns = ("trial", "state", "params", f"FID [95% CI], N={n}", "KID ± std", "align [95% CI]")
-    for col in (*columns, "$", "front"):
-        table.add_column(col)
+    # What a user came for is never cut: params and scores fold, dollars never wrap.
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    table.add_column("$", no_wrap=True, min_width=9)
+    table.add_column("front", no_wrap=True)
     for t in summary.trials:
         params = ", ".join(
             f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items()
