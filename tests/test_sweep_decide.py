@@ -37,6 +37,7 @@ def test_best_reports_ties_and_the_verdict_says_what_it_could_not_tell_apart():
     d = decide(configs, "fid_at_budget")
     assert d.best == "r=0.75" and d.tied_with_best == ["r=0.5"]
     assert d.tiers == [["r=0.75", "r=0.5"], ["r=0.9"], ["r=0"]] and d.separates
+    assert d.front == ["r=0.75", "r=0.5"]  # one objective: the front is tier 1
     assert "tied within the noise with r=0.5" in d.verdict
     assert "Indistinguishable from each other: {r=0.75, r=0.5}" in d.verdict
     # everything within the noise: one tier, and the verdict says so

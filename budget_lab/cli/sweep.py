@@ -253,6 +253,8 @@ def _print_summary(summary, seconds: float) -> None:
             print(f"  {line}")
     if summary.objective == "pareto":
         print(f"front (FID vs $, noise-aware): trials {summary.pareto}")
+    else:
+        print(f"front (the best and its ties): trials {summary.pareto}")
     print(f"study:   {summary.study_storage}")
     if summary.report_path:
         print(f"report:  {summary.report_path}")

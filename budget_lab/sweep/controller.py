@@ -13,6 +13,7 @@ and running trials are cut (checkpoint, status "cut") once the spend reaches it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -24,6 +25,7 @@ import optuna
 from optuna.trial import TrialState
 
 from budget_lab.errors import UserError
+from budget_lab.io import atomic_write_json
 from budget_lab.launch.job import EvalPlan, read_jsonl, segment_rows
 from budget_lab.launch.notify import Listener
 from budget_lab.launch.status import FINAL_STATES, run_status
@@ -261,19 +263,21 @@ class SweepController:
         from budget_lab.launch import launch_run
         from budget_lab.launch.submit import crash_point
 
-        storage = study._storage
         try:
-            return self._launch_config(study, trial, params, launch_run, crash_point)
+            cfg = self._trial_config(params)
         except ConfigError as err:
             # A combination of valid values that does not compose (dim 96 with head_dim 64):
-            # this trial fails with the reason; the sweep goes on with the next one.
-            storage.set_trial_user_attr(trial._trial_id, "error", f"invalid configuration: {err}")
+            # this trial fails with the reason; the sweep goes on with the next one. (Errors
+            # of the sweep as a whole, from the estimate or the submission, still stop it.)
+            study._storage.set_trial_user_attr(
+                trial._trial_id, "error", f"invalid configuration: {err}"
+            )
             study.tell(trial.number, state=TrialState.FAIL)
             self._say(f"trial {trial.number}: FAIL, invalid configuration: {err}")
             return True
+        return self._launch_config(study, trial, params, cfg, launch_run, crash_point)
 
-    def _launch_config(self, study, trial, params, launch_run, crash_point) -> bool:
-        cfg = self._trial_config(params)
+    def _launch_config(self, study, trial, params, cfg, launch_run, crash_point) -> bool:
         estimate = self._estimate(cfg)
         if self.spec.objective == "fid_at_budget":
             # Size the phases so the trial spends its budget (the job still stops at it).
@@ -602,6 +606,8 @@ class SweepController:
                 study._storage.set_trial_user_attr(frozen._trial_id, "run_dir", run_dir)
             if frozen.user_attrs.get("job_ids") is None:
                 study._storage.set_trial_user_attr(frozen._trial_id, "job_ids", record.job_ids)
+                # ids recovered from the submitit folder: into launch.json for every reader
+                atomic_write_json(Path(run_dir) / "launch.json", dataclasses.asdict(record))
             self.active[frozen.number] = {
                 "trial_id": frozen._trial_id,
                 "run_dir": run_dir,

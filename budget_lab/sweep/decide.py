@@ -16,7 +16,8 @@ sweep decides rests only on differences larger than the noise:
   The front is every configuration no other clearly dominates: a point leaves it only for a
   difference beyond the noise, so the same sweep run twice gives the same front. A front point
   is *distinct* when it differs beyond the noise from every other front point in FID or in $;
-  points that do not are listed as indistinguishable.
+  points that do not are listed as indistinguishable. With one objective (`fid_at_budget`,
+  `fid_per_dollar`) the front is tier 1: the best configuration and those tied with it.
 
 With `repeats: k`, trials of one configuration (same params but the repeat's index) are first
 merged into one score per configuration (`mean_over_repeats`), and the decisions are about
@@ -58,7 +59,7 @@ class Decision:
     best: str | None = None  # key of the best configuration
     tied_with_best: list[str] = field(default_factory=list)  # keys, best excluded
     tiers: list[list[str]] = field(default_factory=list)
-    front: list[str] = field(default_factory=list)  # pareto only
+    front: list[str] = field(default_factory=list)  # pareto: the front; else tier 1
     indistinguishable: list[list[str]] = field(default_factory=list)  # front points not told apart
     verdict: str = ""
 
@@ -160,8 +161,10 @@ def decide(configs: list[Config], objective: str, cost_tolerance: float = 0.1) -
             if i != best and configs[i].fid.overlaps(configs[best].fid)
         ]
     else:
+        # One objective: its "front" is the best configuration and those tied with it.
         decision.best = ranked[0][0]
         decision.tied_with_best = ranked[0][1:]
+        decision.front = list(ranked[0])
     decision.verdict = _verdict(decision, by_key, objective, cost_tolerance)
     return decision
 
