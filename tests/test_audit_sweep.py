@@ -335,3 +335,29 @@ def test_a_second_controller_is_refused_and_a_killed_ones_lock_is_released(
     (trial,) = load_study(Workspace(ws_root)).get_trials()
     assert trial.state.name == "COMPLETE"
     assert len(start_rows(ws_root / "runs" / "tiny-000")) == 1
+
+
+def test_a_sweep_that_ran_no_trial_for_its_budget_fails_and_hides_storage_passwords(
+    train_data_dir, tmp_path
+):
+    """Item 13: a zero budget runs nothing and says so with a non-zero exit (it used to exit 0);
+    a storage URL's password is never printed nor saved in sweep.json."""
+    from budget_lab.cli.sweep import safe_storage
+
+    ws_root = tmp_path / "ws"
+    path = write_sweep(tmp_path, train_data_dir)
+    done = subprocess.run(
+        sweep_cmd(path, ws_root, "--budget-usd", "0"),
+        env=sweep_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "no trial ran" in done.stderr and "Traceback" not in done.stderr
+    assert safe_storage("postgresql+psycopg://me:s3cret@db/optuna") == (
+        "postgresql+psycopg://me:***@db/optuna"
+    )
+    assert safe_storage("/tmp/study.journal") == "/tmp/study.journal"
+    saved = json.loads((ws_root / "sweeps" / "tiny" / "sweep.json").read_text())
+    assert saved["storage"].endswith("study.journal")

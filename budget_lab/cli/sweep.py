@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ examples:
   budget-lab sweep mask_ratio --trials 3 --budget-usd 0.05
   budget-lab sweep experts --cluster slurm-local      trials as Slurm jobs
   budget-lab sweep sweeps/my-sweep.yaml phases.0.batch_size=32
-  budget-lab sweep joint --storage postgresql+psycopg://me@db/optuna   several controllers
+  budget-lab sweep joint --storage postgresql+psycopg://me@db/optuna   a database study
 
 Run the same command again after a crash (or Ctrl-C): the study resumes, running jobs are
 re-attached, finished ones are told, nothing runs twice. Results: WORKSPACE/sweeps/NAME/
@@ -130,7 +131,27 @@ def _sweep(args: argparse.Namespace) -> int:
         wandb_project=None if args.no_wandb else args.wandb_project,
     )
     _print_summary(summary, time.time() - t0)
+    if not summary.trials and summary.stop_reason.startswith("budget"):
+        print(
+            f"error: no trial ran: {summary.stop_reason}; raise --budget-usd or make the "
+            "trials cheaper (fewer steps, a smaller eval.fid_samples)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def safe_storage(storage: str) -> str:
+    """A storage URL as it may be printed or saved: its password masked."""
+    if "://" not in storage:
+        return storage
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(storage).render_as_string(hide_password=True)
+    except ArgumentError:
+        return storage
 
 
 def write_sweep_outputs(
@@ -157,7 +178,7 @@ def write_sweep_outputs(
             "pareto": summary.pareto,
             "best": summary.best,
             **_decision(summary),
-            "storage": summary.study_storage,
+            "storage": safe_storage(summary.study_storage),
             "cluster": controller.cluster.name,
             "updated_at": time.time(),
         },
@@ -255,7 +276,7 @@ def _print_summary(summary, seconds: float) -> None:
         print(f"front (FID vs $, noise-aware): trials {summary.pareto}")
     else:
         print(f"front (the best and its ties): trials {summary.pareto}")
-    print(f"study:   {summary.study_storage}")
+    print(f"study:   {safe_storage(summary.study_storage)}")
     if summary.report_path:
         print(f"report:  {summary.report_path}")
     print(f"took {seconds / 60:.1f} min")
