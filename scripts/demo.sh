@@ -3,9 +3,9 @@
 #
 #   budget-lab sweep mask_ratio
 #
-# four `nano` trials at mask ratios 0, 0.5, 0.75 and 0.9 on this machine (local executor), each
-# spending the same $0.005 of the machine (a masked pretraining, then an unmasked finetune), judged
-# on real Inception FID at N = 256 with its 95% interval, KID and the built-in data's text
+# three `nano` trials at mask ratios 0, 0.5 and 0.75 on this machine (local executor), each
+# spending the same $0.0045 of the machine (a masked pretraining, then an unmasked finetune),
+# judged on real Inception FID at N = 128 with its 95% interval, KID and the built-in data's text
 # alignment: Optuna study in a journal file, the dollar ledger in SQLite, W&B offline, the
 # built-in synthetic captioned data made on first use. It prints the trials, the verdict (which
 # ratios are apart beyond the noise, which are tied) and leaves workspace/ (study, ledger, runs,
