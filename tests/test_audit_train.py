@@ -214,7 +214,7 @@ def test_wandb_mode_from_the_environment_is_honoured(train_data_dir, tmp_path, w
     assert wandb_log.wandb_mode("auto") == "disabled"
 
     wandb_env.setenv("WANDB_MODE", "offline")
-    wandb_env.setattr(wandb_log, "_service_reachable", lambda *a: pytest.fail("probed the net"))
+    wandb_env.setattr(wandb_log, "service_reachable", lambda *a: pytest.fail("probed the net"))
     run = tmp_path / "run"
     result = Trainer(short_cfg(train_data_dir, "wandb.enabled=true"), run, progress=False).run()
     assert result["status"] == "completed"
@@ -303,3 +303,19 @@ def test_failing_cost_fn_does_not_fail_the_run(train_data_dir, tmp_path):
             short_cfg(train_data_dir), tmp_path / "run", progress=False, cost_fn=cost_fn
         ).run()
     assert result["status"] == "completed"
+
+
+def test_the_sweep_summary_run_also_falls_back_offline(tmp_path, wandb_env):
+    """Item 9 for the sweep's W&B summary run: a key but no network logs it offline (it used to
+    try the service and fail the sweep's outputs)."""
+    from budget_lab.report.data import ReportData
+    from budget_lab.report.wandb_report import open_summary_run
+
+    data = ReportData("Sweep tiny", "tiny", "pareto", "(F, C)")
+    with pytest.warns(UserWarning, match="W&B service unreachable"):
+        run = open_summary_run(data, "budget-lab-test", dir=tmp_path)
+    try:
+        assert run.settings.mode == "offline"
+    finally:
+        run.finish()
+    assert list((tmp_path / "wandb").glob("offline-run-*"))

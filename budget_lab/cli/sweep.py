@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -192,14 +193,17 @@ def write_sweep_outputs(
         from budget_lab.report.html import write_html_report
 
         summary.report_path = str(write_html_report(data, folder / "report"))
-    if wandb_project:
+    if wandb_project and os.environ.get("WANDB_MODE", "").lower() != "disabled":
         from budget_lab.report.wandb_report import log_sweep_summary, open_summary_run
 
-        run = open_summary_run(data, wandb_project, dir=folder)
-        try:
-            log_sweep_summary(data, run)
-        finally:
-            run.finish()
+        try:  # W&B is a view of the results: it never fails the sweep
+            run = open_summary_run(data, wandb_project, dir=folder)
+            try:
+                log_sweep_summary(data, run)
+            finally:
+                run.finish()
+        except Exception as err:  # noqa: BLE001 - any W&B failure is a warning
+            print(f"warning: the W&B summary run was not logged: {err}", file=sys.stderr)
 
 
 def _decision(summary) -> dict:

@@ -55,7 +55,7 @@ def wandb_mode(requested: str) -> str:
     return "online" if has_key else "offline"
 
 
-def _service_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
+def service_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
     """Whether a TCP connection to the W&B server (WANDB_BASE_URL), or to the proxy that reaches
     it, opens within `timeout` seconds."""
     url = urllib.parse.urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
@@ -114,7 +114,7 @@ def init_wandb_run(cfg: RunConfig, run_dir: str | os.PathLike[str], segment: int
             print(
                 "W&B: no API key found, logging offline (sync later with `wandb sync`)", flush=True
             )
-        if mode == "online" and not _service_reachable():
+        if mode == "online" and not service_reachable():
             warnings.warn(
                 f"W&B: cannot reach {os.environ.get('WANDB_BASE_URL', 'https://api.wandb.ai')}; "
                 "logging offline (sync later with `wandb sync`)",

@@ -25,6 +25,7 @@ import json
 import netrc
 import os
 import socket
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -40,6 +41,7 @@ from budget_lab.report.data import (
     spend_by,
     usd,
 )
+from budget_lab.report.wandb_log import service_reachable, wandb_mode
 
 __all__ = [
     "WandbUnavailableError",
@@ -283,8 +285,14 @@ def open_summary_run(
 
     if mode not in ("auto", "online", "offline"):
         raise UserError(f"W&B mode {mode!r} is invalid: expected auto, online or offline")
-    if mode == "auto":
-        mode = "online" if _has_api_key() else "offline"
+    mode = wandb_mode(mode)  # WANDB_MODE=offline/disabled in the environment wins
+    if mode == "online" and not service_reachable():
+        warnings.warn(
+            "W&B service unreachable: the sweep's summary run is logged offline (`wandb sync` "
+            "it later)",
+            stacklevel=2,
+        )
+        mode = "offline"
     return wandb.init(
         project=project,
         entity=entity,
