@@ -199,7 +199,8 @@ def _verdict(d: Decision, by_key: dict[str, Config], objective: str, tolerance: 
     if len(d.tiers) >= 2:
         parts = [f"tier {n}: " + ", ".join(t) for n, t in enumerate(d.tiers, 1)]
         lines.append(
-            "Separated into groups with non-overlapping 95% intervals (best first): "
+            "Separated into groups, best first (each group's best is apart beyond the noise, "
+            "non-overlapping 95% intervals, from the best of the group above): "
             + " | ".join(parts)
             + "."
         )
