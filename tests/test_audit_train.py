@@ -319,3 +319,32 @@ def test_the_sweep_summary_run_also_falls_back_offline(tmp_path, wandb_env):
     finally:
         run.finish()
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_status_never_unpickles_a_result_outside_the_workspace_jobs(tmp_path):
+    """Item 2 for submitit's result pickles: a launch.json planted in a run folder that points at
+    a folder outside the workspace's jobs/ is not read (reading a pickle runs its code)."""
+    import json
+    import pickle
+
+    from budget_lab.launch.status import run_status
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "elsewhere"
+    evil.mkdir()
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (evil / "123_0_result.pkl").write_bytes(pickle.dumps(Payload()))
+    run_dir = tmp_path / "ws" / "runs" / "victim"
+    run_dir.mkdir(parents=True)
+    record = {
+        "run": "victim", "run_dir": str(run_dir), "cluster": "local", "executor": "local",
+        "launch_id": "x", "submitit_folder": str(evil), "job_ids": ["123"], "nodes": 1,
+        "gpus_per_node": 0, "tasks_per_node": 1,
+    }  # fmt: skip
+    (run_dir / "launch.json").write_text(json.dumps(record))
+    run_status(run_dir, scheduler=False)
+    assert not marker.exists()

@@ -153,12 +153,16 @@ def segment_alive(seg: dict[str, Any]) -> bool:
     return isinstance(seg.get("pid"), int) and _pid_alive(seg["pid"])
 
 
-def _submitit_outcome(record: LaunchRecord, job_id: str) -> tuple[str, str] | None:
-    """('success'|'error', detail) from submitit's result pickle, if the job wrote one."""
+def _submitit_outcome(record: LaunchRecord, job_id: str, run_dir: Path) -> tuple[str, str] | None:
+    """('success'|'error', detail) from submitit's result pickle, if the job wrote one.
+
+    A pickle runs code when read: only one inside the workspace's own `jobs/` folder (the run
+    folder's `../../jobs`) is read, never one a planted launch.json points elsewhere to."""
     from submitit.core.utils import JobPaths, pickle_load
 
     path = JobPaths(record.submitit_folder, job_id=job_id, task_id=0).result_pickle
-    if not path.is_file():
+    jobs_dir = (Path(run_dir).resolve().parent.parent / "jobs").resolve()
+    if not path.resolve().is_relative_to(jobs_dir) or not path.is_file():
         return None
     try:
         outcome, value = pickle_load(path)
@@ -237,14 +241,14 @@ def run_status(run_dir: str | os.PathLike[str], scheduler: bool = True) -> RunSt
             # The local controller requeues in place; give it a moment before calling it over.
             status.state = "queued" if time.time() - (last["end"] or 0) < 60 else "interrupted"
         elif last is None:
-            outcome = _submitit_outcome(record, job_id)
+            outcome = _submitit_outcome(record, job_id, run_dir)
             status.state = "failed" if outcome and outcome[0] == "error" else "queued"
             if outcome and outcome[0] == "error":
                 status.error = outcome[1]
         else:
             status.state = "interrupted" if written == "interrupted" else "failed"
     if status.state == "failed" and status.error is None:
-        outcome = _submitit_outcome(record, job_id)
+        outcome = _submitit_outcome(record, job_id, run_dir)
         status.error = (outcome[1] if outcome and outcome[0] == "error" else None) or tail(
             Path(status.stderr or "")
         )
