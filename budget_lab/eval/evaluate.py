@@ -90,18 +90,24 @@ def _reference(
     return stats, feats
 
 
+def _reference_plan(cfg):
+    """(data folder, resolution, its manifest entry, split, reference count) of a run's scores:
+    the validation split (train without one), all of it unless eval.reference_samples."""
+    data_dir = Path(cfg.data.path)
+    res = cfg.phases[-1].resolution
+    info = load_manifest(data_dir).resolution(res)
+    split = "val" if "val" in info.splits else "train"
+    count = info.splits[split].count
+    return data_dir, res, info, split, min(cfg.eval.reference_samples or count, count)
+
+
 def prepare_references(cfg, device: torch.device | str | None = None) -> dict[str, Any]:
     """Compute once what every score of runs on this data shares, so that no trial pays for it:
     the FID/KID reference statistics and features of the validation split, and (built-in data)
     the alignment reader. Returns {"num_reference", "alignment", "seconds"}."""
     t0 = time.time()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    data_dir = Path(cfg.data.path)
-    manifest = load_manifest(data_dir)
-    res = cfg.phases[-1].resolution
-    info = manifest.resolution(res)
-    split = "val" if "val" in info.splits else "train"
-    n_ref = min(cfg.eval.reference_samples or info.splits[split].count, info.splits[split].count)
+    data_dir, res, info, split, n_ref = _reference_plan(cfg)
     _reference(FIDEvaluator(device=dev, batch_size=100), data_dir, n_ref, info.resolution, split)
     alignment = False
     if cfg.eval.alignment != "off":
@@ -142,13 +148,9 @@ def score_model(
             f"the run's data folder {data_dir} is gone (no manifest.json); evaluate from the "
             "directory the run was trained from, or re-prepare the data there"
         )
-    manifest = load_manifest(data_dir)
-    res = cfg.phases[-1].resolution
-    info = manifest.resolution(res)
-    split = "val" if "val" in info.splits else "train"
+    data_dir, res, info, split, n_ref = _reference_plan(cfg)
     n_val = info.splits[split].count
     n = num_samples or cfg.eval.fid_samples
-    n_ref = min(cfg.eval.reference_samples or n_val, n_val)
     edm = replace(
         edm_config(cfg),
         num_steps=sampler_steps or cfg.eval.sampler_steps,

@@ -14,6 +14,7 @@ and running trials are cut (checkpoint, status "cut") once the spend reaches it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -143,16 +144,23 @@ class SweepController:
         """The trial's run config: the recipe with the sweep's base overrides and eval settings
         (composed once per controller), then the params' targets, the command line's overrides
         and `extra`; composing validates it."""
+        from budget_lab.sweep import param_overrides
+
+        base = self._recipe()
+        targets = param_overrides(self.spec, params, self._base_cfg)
+        cfg = base.compose([*targets, *self.overrides, *extra])
+        cfg.data.path = str(Path(cfg.data.path).resolve())
+        return cfg
+
+    def _recipe(self):
+        """The recipe with the sweep's base overrides and eval settings, composed once."""
         from budget_lab.config import RecipeBase
-        from budget_lab.sweep import base_overrides, param_overrides
+        from budget_lab.sweep import base_overrides
 
         if self._recipe_base is None:
             self._recipe_base = RecipeBase(self.spec.recipe, base_overrides(self.spec))
             self._base_cfg = self._recipe_base.compose()
-        targets = param_overrides(self.spec, params, self._base_cfg)
-        cfg = self._recipe_base.compose([*targets, *self.overrides, *extra])
-        cfg.data.path = str(Path(cfg.data.path).resolve())
-        return cfg
+        return self._recipe_base
 
     def _eval_plan(self, cfg, estimate_usd: float) -> EvalPlan:
         """FID settings from the trial's eval config (the sweep's `eval` overrides applied); the
@@ -388,13 +396,13 @@ class SweepController:
             segments = sync_run(self.ledger, run_dir, self.cluster, sacct_wait_s=0)
         except UserError:
             segments = None
+        # A final state and not one start (cancelled or failed while pending): nothing ran and
+        # nothing is charged; waiting for accounting rows would wait for ever.
         never_ran = not segments and not segment_rows(run_dir)
-        if never_ran:
-            # A final state and not one start: cancelled (or failed) while pending. Nothing ran,
-            # nothing is charged; waiting for accounting rows would wait for ever.
-            pass
-        elif self.cluster.executor == "slurm" and (
-            not segments or any(seg.state == "RUNNING" for seg in segments)
+        if (
+            not never_ran
+            and self.cluster.executor == "slurm"
+            and (not segments or any(seg.state == "RUNNING" for seg in segments))
         ):
             return False  # accounting rows not complete yet: tell once they are
         cost = self.ledger.spent(run=run_dir.name)  # useful + wasted
@@ -549,13 +557,7 @@ class SweepController:
 
         if self.cluster.executor != "local":
             return  # the data may live where only the cluster's nodes see it
-        if self._base_cfg is None:
-            from budget_lab.config import RecipeBase
-            from budget_lab.sweep import base_overrides
-
-            self._recipe_base = RecipeBase(self.spec.recipe, base_overrides(self.spec))
-            self._base_cfg = self._recipe_base.compose()
-        cfg = self._recipe_base.compose(self.overrides)
+        cfg = self._recipe().compose(self.overrides)
         cfg.data.path = str(Path(cfg.data.path).resolve())
         if not (Path(cfg.data.path) / "manifest.json").is_file():
             return  # the trials fail with the data error; nothing to prepare
@@ -840,7 +842,19 @@ KILL_GRACE_S = 10.0
 
 def _step_seconds(run_dir: Path) -> float:
     """Seconds per optimizer step of a run, from its metrics (5 s before the first row)."""
-    rows = read_jsonl(run_dir / "metrics.jsonl")
+    try:  # the last rows only: this runs at every budget-guard check of every running trial
+        with open(run_dir / "metrics.jsonl", "rb") as f:
+            start = max(f.seek(0, os.SEEK_END) - 4096, 0)
+            f.seek(start)
+            tail = f.read().decode(errors="ignore").splitlines()[1 if start else 0 :]
+    except OSError:
+        tail = []
+    rows = []
+    for line in tail:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
     last = next((r for r in reversed(rows) if r.get("train_seconds") and r.get("step")), None)
     if last is None:
         return 5.0
