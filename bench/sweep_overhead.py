@@ -143,14 +143,15 @@ def instrument(probe: Probe):
     probe.patch(optuna.study.Study, "ask", "ask")
     probe.patch(optuna.study.Study, "tell", "tell")
     probe.patch(optuna.study.Study, "get_trials", "get_trials")
-    probe.patch(budget_lab.sweep, "suggest", "suggest")
+    # The controller's own names (its imports are at its top): patched where they are called.
+    probe.patch(controller_mod, "suggest", "suggest")
     probe.patch(budget_lab.ledger.BudgetGuard, "check", "guard")
-    probe.patch(budget_lab.ledger, "sync_run", "sync_run")
-    probe.patch(budget_lab.ledger, "calibrate_from_run", "calibrate_from_run")
+    probe.patch(controller_mod, "sync_run", "sync_run")
+    probe.patch(controller_mod, "calibrate_from_run", "calibrate_from_run")
     probe.patch(calibration_mod, "_training_flops", "flops")  # a FLOP count (torch, meta device)
     probe.patch(controller_mod, "run_status", "run_status")
     probe.patch(
-        budget_lab.launch,
+        controller_mod,
         "launch_run",
         "launch_run",
         tag=lambda cfg, cluster, workspace, name, *a, **k: name,

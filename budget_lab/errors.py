@@ -8,7 +8,7 @@ keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["UserError", "ConfigError", "DataError", "TrainingError"]
+__all__ = ["UserError", "ConfigError", "DataError", "TrainingError", "check"]
 
 
 class UserError(Exception):
@@ -29,3 +29,9 @@ class TrainingError(UserError):
     """A run cannot go on (non-finite loss, no data); what was saved is kept."""
 
     exit_code = 1
+
+
+def check(ok: bool, name: str, value: object, valid: str) -> None:
+    """Unless `ok`: raise a ConfigError naming the field, its bad value and what is valid."""
+    if not ok:
+        raise ConfigError(f"{name}={value!r} is invalid: {valid}")

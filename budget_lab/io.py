@@ -116,3 +116,20 @@ def yaml_problem(err: Exception) -> str:
     text = lines[0] if lines else type(err).__name__
     position = getattr(err, "position", None)  # a reader error: a character YAML does not allow
     return text if position is None else f"{text} (character {position + 1})"
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The object rows of a JSON-lines file (none if it does not exist); a torn line (a crash
+    mid-write) or a row that is not an object is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from model.config import ModelConfigError
-from model.microdit import MicroDiT
+from model.microdit import BatchRandom, MicroDiT, batch_draw
 
 __all__ = ["EDMConfig", "EDMPrecond", "edm_loss", "edm_sampler", "sigma_steps"]
 
@@ -79,7 +79,7 @@ class EDMPrecond(nn.Module):
         captions: Tensor,
         caption_mask: Tensor | None = None,
         mask_ratio: float = 0.0,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | BatchRandom | None = None,
     ) -> tuple[Tensor, Tensor]:
         """x (N, C, H, W) noisy input, sigma (N,) -> (denoised (N, C, H, W), keep (N, T))."""
         sigma = sigma.to(torch.float32).reshape(-1, 1, 1, 1)  # (N, 1, 1, 1)
@@ -99,16 +99,21 @@ def edm_loss(
     mask_ratio: float = 0.0,
     P_mean: float = -0.6,
     P_std: float = 1.2,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | BatchRandom | None = None,
 ) -> Tensor:
-    """The EDM loss on clean data y (N, C, H, W), averaged over kept patches: a scalar."""
+    """The EDM loss on clean data y (N, C, H, W), averaged over kept patches: a scalar.
+
+    `precond` may be wrapped for data parallelism; `generator` may be a `BatchRandom` (this batch
+    is some rows of a larger one, and draws the noise those rows get there)."""
     N = y.shape[0]
-    p = precond.net.cfg.patch_size
+    inner = getattr(precond, "module", precond)  # under a DistributedDataParallel wrapper
+    sigma_data = inner.sigma_data
+    p = inner.net.cfg.patch_size
     # Sample noise levels ln σ ~ N(P_mean, P_std) and the noise.
-    rnd = torch.randn(N, device=y.device, generator=generator)  # (N,)
+    rnd = batch_draw(torch.randn, (N,), y.device, generator)  # (N,)
     sigma = (rnd * P_std + P_mean).exp()  # (N,)
-    weight = (sigma**2 + precond.sigma_data**2) / (sigma * precond.sigma_data) ** 2  # λ(σ), (N,)
-    n = torch.randn(y.shape, device=y.device, generator=generator) * sigma.view(-1, 1, 1, 1)
+    weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2  # λ(σ), (N,)
+    n = batch_draw(torch.randn, tuple(y.shape), y.device, generator) * sigma.view(-1, 1, 1, 1)
     D_yn, keep = precond(y + n, sigma, captions, caption_mask, mask_ratio, generator)
     # Weighted squared error, averaged over the values of kept patches only.
     err = weight.view(-1, 1, 1, 1) * (D_yn - y) ** 2  # (N, C, H, W)

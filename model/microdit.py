@@ -11,6 +11,7 @@ F FFN hidden width, P = patch_size^2 * C values per patch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,8 @@ __all__ = [
     "MicroDiT",
     "ExpertChoiceMoE",
     "random_keep_indices",
+    "BatchRandom",
+    "batch_draw",
     "patchify",
     "unpatchify",
     "sincos_pos_embed",
@@ -88,11 +91,43 @@ def unpatchify(x: Tensor, p: int, h: int, w: int) -> Tensor:
     return x.reshape(N, C, h * p, w * p)  # (N, C, H, W)
 
 
+class BatchRandom:
+    """A generator for `rows` of a larger batch of `total` samples: every draw is made for all
+    `total` samples and the rows' part is returned. So a sample's noise depends on its row, not on
+    how the batch is split over devices or micro-batches (every part draws the same numbers)."""
+
+    def __init__(self, generator: torch.Generator, rows: Tensor, total: int):
+        self.generator = generator
+        self.rows = rows  # (N,) int64 in [0, total)
+        self.total = total
+
+    def draw(self, fn: Callable[..., Tensor], shape: tuple[int, ...], device) -> Tensor:
+        """fn (torch.rand / torch.randn) of shape (N, *shape[1:]) for the rows."""
+        full = fn((self.total, *shape[1:]), device=device, generator=self.generator)  # (total, ...)
+        return full[self.rows.to(full.device)]  # (N, ...)
+
+
+def batch_draw(
+    fn: Callable[..., Tensor],
+    shape: tuple[int, ...],
+    device: torch.device,
+    generator: torch.Generator | BatchRandom | None,
+) -> Tensor:
+    """torch.rand / torch.randn of `shape` from a plain generator or a `BatchRandom`."""
+    if isinstance(generator, BatchRandom):
+        return generator.draw(fn, shape, device)
+    return fn(shape, device=device, generator=generator)
+
+
 def random_keep_indices(
-    N: int, T: int, keep: int, device: torch.device, generator: torch.Generator | None = None
+    N: int,
+    T: int,
+    keep: int,
+    device: torch.device,
+    generator: torch.Generator | BatchRandom | None = None,
 ) -> Tensor:
     """Indices of `keep` tokens per sample, chosen uniformly at random, sorted: (N, keep)."""
-    noise = torch.rand(N, T, device=device, generator=generator)  # (N, T)
+    noise = batch_draw(torch.rand, (N, T), device, generator)  # (N, T)
     ids = noise.argsort(dim=1)[:, :keep]  # (N, keep)
     return ids.sort(dim=1).values
 
@@ -458,7 +493,7 @@ class MicroDiT(nn.Module):
         captions: Tensor,
         caption_mask: Tensor | None = None,
         mask_ratio: float = 0.0,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | BatchRandom | None = None,
         route: bool | None = None,
     ) -> tuple[Tensor, Tensor]:
         """x (N, C, H, W), noise_labels (N,), captions (N, L, Cd), caption_mask (N, L) bool.

@@ -3,13 +3,14 @@
 #
 #   budget-lab sweep mask_ratio
 #
-# three `nano` trials at mask ratios 0, 0.5 and 0.75 on this machine (local executor), each
-# spending the same $0.0045 of the machine (a masked pretraining, then an unmasked finetune),
-# judged on real Inception FID at N = 128 with its 95% interval, KID and the built-in data's text
-# alignment: Optuna study in a journal file, the dollar ledger in SQLite, W&B offline, the
-# built-in synthetic captioned data made on first use. It prints the trials, the verdict (which
-# ratios are apart beyond the noise, which are tied) and leaves workspace/ (study, ledger, runs,
-# summary.json and the HTML report at workspace/sweeps/mask_ratio/report/index.html).
+# two `nano` trials, mask ratio 0 and 0.75, on this machine (local executor), each spending the
+# same $0.008 of the machine (a masked pretraining, then an unmasked finetune), judged on real
+# Inception FID at N = 256 with its 95% interval (and the two trials' paired difference), KID and
+# the built-in data's text alignment: Optuna study in a journal file, the dollar ledger in SQLite,
+# W&B offline, the built-in synthetic captioned data made on first use. It prints the trials,
+# the verdict (which ratios are apart beyond the noise, which are tied) and leaves workspace/
+# (study, ledger, runs, summary.json and the HTML report at
+# workspace/sweeps/mask_ratio/report/index.html).
 # Running it again resumes the study (nothing is trained twice).
 # Knobs: BUDGET_LAB_WORKSPACE (default ./workspace); extra arguments go to `budget-lab sweep`.
 set -euo pipefail

@@ -8,4 +8,4 @@ bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH" WANDB_MODE=offline HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # OpenMP busy-waiting makes torch ~10x slower on small shared-core VMs (see BENCHMARKS.md).
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
-exec .venv/bin/python -m pytest -q --timeout 900 "$@"
+exec .venv/bin/python -m pytest -q --timeout 900 --durations=30 "$@"

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
+
+import numpy as np
+import pytest
 
 from budget_lab.cli import main as cli_main
 from budget_lab.config import compose_run
+from budget_lab.eval.evaluate import FEATURES_FILE, paired_differences
 from budget_lab.train import Trainer
 
 
@@ -53,3 +58,19 @@ def test_eval_trained_and_untrained(train_data_dir, tiny_clip_dir, tmp_path, cap
         assert set(r["alignment_attributes"]) >= {"color", "shape", "background"}
     out = capsys.readouterr().out
     assert '"fid"' in out
+    # the final evaluation keeps its features: a paired comparison with another run that sampled
+    # the same captions with the same noise (a copy scored with other weights here)
+    feats = np.load(run / FEATURES_FILE)
+    assert feats.shape == (16, 2048) and trained["features"] == FEATURES_FILE
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    assert cli_main(["eval", str(other), "--raw"]) == 0  # raw weights: eval-trained-raw.json
+    (other / "eval.json").write_text((other / "eval-trained-raw.json").read_text())
+    assert not (other / "eval-trained-raw.json").read_text().count(FEATURES_FILE)
+    np.save(other / FEATURES_FILE, np.load(run / FEATURES_FILE)[::-1].copy())  # rows unpaired
+    pairs = paired_differences({"ema": run, "raw": other, "gone": tmp_path / "missing"})
+    assert list(pairs) == [("ema", "raw")]
+    diff = pairs[("ema", "raw")]
+    assert diff.n == 16 and diff.lo < diff.value < diff.hi and diff.method.startswith("paired")
+    # the same rows in another order: the same FID, a zero difference
+    assert diff.value == pytest.approx(0.0, abs=1e-6)

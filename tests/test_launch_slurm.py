@@ -13,10 +13,12 @@ import torch
 
 from budget_lab.launch import Placement, cancel_run, launch_run, launch_runs, run_status
 from budget_lab.launch.cluster import load_cluster
+from budget_lab.ledger.store import Ledger
+from budget_lab.ledger.sync import sync_run
 from budget_lab.train import CheckpointStore
 from budget_lab.workspace import Workspace
 from tests.helpers import tiny_run_config
-from tests.slurm_cluster import wait_until
+from tests.slurm_cluster import sacct_runs, wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 ONE_GPU = Placement(gpus_per_node=1)  # one (fake) GPU: one task, priced; training runs on the CPU
@@ -48,42 +50,98 @@ def test_slurm_launch_completes(train_data_dir, workspace):
     assert st.segments[0]["job_id"] == record.job_ids[0]
 
 
-def test_real_preemption_requeues_and_resumes_bit_identical(train_data_dir, workspace):
-    cfg = tiny_cfg(train_data_dir, "phases.0.steps=300", "checkpoint.every=1000")
+def test_two_task_job_preempted_requeued_resumes_bit_identical(
+    train_data_dir, workspace, monkeypatch
+):
+    """One 2-task job (2 fake GPUs, a gloo rank per task) on the spot partition, preempted for
+    real mid-phase by a high-priority job: submitit checkpoints on rank 0, both ranks stop at the
+    same step, the job is requeued and ends bit-identical to an uninterrupted 2-task job. Rank 0
+    alone writes the run folder, and the ledger charges 2 GPUs once per run of the job."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # both jobs: 1 thread per rank (1 CPU per task)
+    cfg = tiny_cfg(train_data_dir, "phases.0.steps=16", "phases.1.steps=2", "checkpoint.every=1000")
+    two = Placement(gpus_per_node=2)  # one task per GPU: world size 2
     spot = load_cluster("slurm-local", ["slurm.partition=spot"])
-    # The reference runs uninterrupted on the same node, in the same kind of job (same threads);
-    # it holds no GPU so that the high-priority job below needs exactly the spot job's.
-    ref = launch_run(
-        cfg, load_cluster("slurm-local"), workspace, "reference", Placement(gpus_per_node=0)
-    )
-    record = launch_run(cfg, spot, workspace, "preempted", ONE_GPU)
+    # The reference: the same kind of job, uninterrupted, on debug (never preempted).
+    ref = launch_run(cfg, load_cluster("slurm-local"), workspace, "reference", two)
+    record = launch_run(cfg, spot, workspace, "preempted", two)
     run_dir = Path(record.run_dir)
+    metrics = run_dir / "metrics.jsonl"
     wait_until(
-        lambda: (
-            (run_dir / "metrics.jsonl").is_file()
-            and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 5
-        ),
+        lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2,
         240,
         "the spot job to be mid-phase",
         interval_s=0.1,
     )
-    # A high-priority job that needs every GPU of the node preempts the spot job for real.
-    hog = subprocess.run(
-        ["sbatch", "-p", "debug", "--gres=gpu:8", "-c", "1", "--wrap", "sleep 3", "--parsable"],
-        capture_output=True,
-        text=True,
+    # 8 GPUs, the reference holds 2 and the spot job 2: a debug job that needs 6 preempts it.
+    subprocess.run(
+        [
+            "sbatch",
+            "-p",
+            "debug",
+            "--gres=gpu:6",
+            "-c",
+            "1",
+            "--wrap",
+            "sleep 1",
+            "-o",
+            "/dev/null",
+        ],
         check=True,
-    ).stdout.strip()
+        capture_output=True,
+    )
     st = wait_final(run_dir, timeout=400)
     assert st.state == "completed", st.error
     statuses = lambda: [s["status"] for s in run_status(run_dir).segments]  # noqa: E731
     wait_until(lambda: statuses()[-1] != "running", 30, "the job's end row")  # written last
     assert statuses() == ["preempted", "completed"]
     wait_final(ref.run_dir)
-    ref_w = CheckpointStore(Path(ref.run_dir) / "checkpoints").load_latest()[0]["model"]
-    got_w = CheckpointStore(run_dir / "checkpoints").load_latest()[0]["model"]
-    assert all(torch.equal(ref_w[k], got_w[k]) for k in ref_w)
-    assert hog
+
+    # Bit-identical to the uninterrupted 2-task job: weights and EMA.
+    ref_ckpt = CheckpointStore(Path(ref.run_dir) / "checkpoints").load_latest()[0]
+    got_ckpt = CheckpointStore(run_dir / "checkpoints").load_latest()[0]
+    for part in ("model", "ema"):
+        assert all(torch.equal(ref_ckpt[part][k], got_ckpt[part][k]) for k in ref_ckpt[part])
+    assert got_ckpt["world_size"] == 2
+
+    # Both ranks stopped at the preemption checkpoint's step (each task's own log says).
+    saved = [
+        json.loads(r)["step"] for r in (run_dir / "checkpoints.jsonl").read_text().splitlines()
+    ]
+    assert len(saved) == 3 and saved[1:] == [16, 18]  # the preemption's, then each phase end's
+    logs = [
+        (Path(record.submitit_folder) / f"{record.job_ids[0]}_{task}_log.out").read_text()
+        for task in (0, 1)
+    ]
+    for task, log in enumerate(logs):
+        ends = [line for line in log.splitlines() if line.startswith(f"rank {task}: ")]
+        assert ends == [
+            f"rank {task}: interrupted at step {saved[0]}",
+            f"rank {task}: completed at step 18",
+        ]
+
+    # Rank 0 alone wrote the run folder: one start and one end row per run of the job, one
+    # metrics row per logged step, one activity timeline per run.
+    rows = [json.loads(r) for r in (run_dir / "segments.jsonl").read_text().splitlines()]
+    assert [(r["event"], r["attempt"]) for r in rows] == [
+        ("start", 0), ("end", 0), ("start", 1), ("end", 1)
+    ]  # fmt: skip
+    assert [r["devices"] for r in rows if r["event"] == "start"] == [2, 2]
+    steps = [json.loads(r)["step"] for r in metrics.read_text().splitlines()]
+    assert steps == list(range(1, 19))  # the preempted run logged up to its checkpoint
+    spans = [json.loads(r) for r in (run_dir / "activity.jsonl").read_text().splitlines()]
+    for attempt in (0, 1):
+        mine = [s for s in spans if s["attempt"] == attempt]
+        assert mine and all(a["end"] == b["start"] for a, b in zip(mine, mine[1:], strict=False))
+
+    # The ledger: the job's 2 GPUs once per run of the job (sacct's figures), not once per rank.
+    with Ledger.for_workspace(workspace) as ledger:
+        segments = sync_run(ledger, run_dir, spot, price_cache_dir=workspace.prices_cache_dir)
+        truth = sacct_runs(record.job_ids[0])
+        assert len(segments) == len(truth) == 2, (segments, truth)
+        for seg, row in zip(segments, truth, strict=True):
+            assert seg.gpus == 2 and "gres/gpu=2" in row["AllocTRES"]
+            assert seg.gpu_seconds == pytest.approx(int(row["ElapsedRaw"]) * 2, rel=0.02)
+        assert ledger.spent(run="preempted") == pytest.approx(sum(s.cost_usd for s in segments))
 
 
 def test_job_array_failure_and_cancel(train_data_dir, workspace, tmp_path):

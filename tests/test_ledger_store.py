@@ -23,7 +23,7 @@ import pytest
 import sqlalchemy as sa
 
 from budget_lab.errors import ConfigError
-from budget_lab.ledger.store import Ledger, LedgerSchemaError, Segment
+from budget_lab.ledger.store import SCHEMA_VERSION, Ledger, LedgerSchemaError, Segment
 from budget_lab.workspace import ENV_VAR, Workspace, add_workspace_argument
 
 T0 = 1_795_000_000.0  # 2026-11-18T...Z, a fixed instant for exact figures
@@ -251,7 +251,7 @@ def test_a_fresh_schema_race_between_processes(tmp_path):
     with ctx.Pool(_WRITERS) as pool:
         pool.starmap(_open_and_close, [(url,)] * _WRITERS)
     with Ledger(url) as ledger:
-        assert ledger.schema_version == 1
+        assert ledger.schema_version == SCHEMA_VERSION
         mode = ledger.engine.connect().exec_driver_sql("PRAGMA journal_mode").scalar()
         assert mode == "wal"
 

@@ -89,7 +89,7 @@ def test_order_is_deterministic_per_seed_and_changes_per_epoch(data_loader_shard
     assert unshuffled[:60] == unshuffled[60:] == [f"{i:08d}" for i in range(N_SAMPLES)]
 
 
-@pytest.mark.parametrize(("world_size", "num_workers", "covered"), [(3, 0, 60), (2, 2, 48)])
+@pytest.mark.parametrize(("world_size", "num_workers", "covered"), [(3, 0, 60), (2, 2, 56)])
 def test_ranks_see_disjoint_parts_of_each_epoch(
     data_loader_shards: Path, world_size: int, num_workers: int, covered: int
 ):
@@ -135,7 +135,7 @@ def test_resume_with_other_settings(data_loader_shards: Path):
     _take(loader, 6)
     state = loader.state_dict()
     other = ShardLoader(data_loader_shards, batch_size=6, num_workers=0)
-    with pytest.raises(ConfigError, match=r"batch_size=4 \(now 6\)"):
+    with pytest.raises(ConfigError, match=r"global_batch=4 \(now 6\)"):
         other.load_state_dict(state)
     with pytest.warns(UserWarning, match="approximately"):
         other.load_state_dict(state, strict=False)
@@ -203,10 +203,10 @@ def test_unusable_data_folders(data_loader_shards: Path, shards_copy: Path, tmp_
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no manifest.json"):
         ShardLoader(tmp_path / "empty")
-    with pytest.raises(
-        DataError, match=r"fewer than world_size x workers x batch_size = 2 x 2 x 16"
-    ):
-        ShardLoader(data_loader_shards, batch_size=16, num_workers=2, world_size=2)
+    with pytest.raises(DataError, match=r"fewer than the global batch 64 \(batch_size 32 x"):
+        ShardLoader(data_loader_shards, batch_size=32, num_workers=2, world_size=2)
+    with pytest.raises(ConfigError, match=r"lanes=3 does not fit: it must be a multiple of"):
+        ShardLoader(data_loader_shards, batch_size=4, world_size=2, lanes=3)
     with pytest.raises(ConfigError, match="resolution=64 is not prepared"):
         ShardLoader(data_loader_shards, resolution=64)
     with pytest.raises(ConfigError, match="split='val'"):

@@ -18,7 +18,9 @@ from PIL import Image
 from rich.console import Console
 
 from budget_lab.errors import DataError, UserError
+from budget_lab.ledger.store import Segment, SegmentPart
 from budget_lab.report.data import (
+    CostPart,
     ReportData,
     SpendRow,
     TrialRow,
@@ -30,6 +32,7 @@ from budget_lab.report.data import (
     report_data_from_json,
     report_data_to_json,
     spend_by,
+    split_by,
     sweep_verdict,
     usd,
 )
@@ -75,6 +78,15 @@ _SCORES = {
 }
 
 
+# Where each ledger row's dollars went (the ledger's split by activity): fraction of its cost.
+_SPLIT = {
+    "pretrain": {"startup": 0.10, "train": 0.80, "checkpoint": 0.10},
+    "finetune": {"train": 0.60, "checkpoint": 0.10, "eval": 0.25, "sample_grid": 0.05},
+}
+# What each trial was estimated to cost before launch: settled / estimate - 1 (#0: no estimate,
+# an older study).
+_ERRORS = {1: 0.10, 2: -0.20, 3: 0.0, 4: 0.50, 5: 0.02}
+
 # TrialRow's measurement fields: the W&B trials table has a column for each.
 _INTERVAL_COLUMNS = (
     "fid_lo",
@@ -103,10 +115,11 @@ def make_report_data(root: Path) -> ReportData:
     """Six trials (4 COMPLETE, 1 PRUNED, 1 FAIL) over about an hour, pretrain + finetune.
 
     Each trial's spend is one pretrain and (unless it stopped early) one finetune ledger row; its
-    cost_usd is the sum of its rows. COMPLETE trials have a sample grid except #2, whose grid
+    cost_usd is the sum of its rows, split by activity as `_SPLIT` says (the report's `parts`).
+    Every trial but #0 has an estimate, off by `_ERRORS`. COMPLETE trials have a sample grid except #2, whose grid
     file is gone (the report must skip it).
     """
-    trials, spend = [], []
+    trials, spend, parts = [], [], []
     for number, state, fid, cost, wasted, cluster, mask, lr, preset in _TRIALS:
         run = f"mask_ratio-{number:03d}"
         run_dir = root / "runs" / run
@@ -133,6 +146,12 @@ def make_report_data(root: Path) -> ReportData:
                     gpu_seconds=seconds * (8 if cluster == "aws-p5" else 1),
                 )
             )
+            parts += [
+                CostPart(
+                    run, number, phase, activity, amount * f, lost * f, spend[-1].gpu_seconds * f
+                )
+                for activity, f in _SPLIT[phase].items()
+            ]
             start += seconds
         trials.append(
             TrialRow(
@@ -147,6 +166,8 @@ def make_report_data(root: Path) -> ReportData:
                 run_dir=str(run_dir),
                 grid_path=str(grid) if state == "COMPLETE" else None,
                 objective_values=[fid, cost] if fid is not None else None,
+                estimate_usd=cost / (1 + _ERRORS[number]) if number in _ERRORS else None,
+                estimate_error=_ERRORS.get(number),
                 **_SCORES.get(number, {}),
             )
         )
@@ -161,6 +182,7 @@ def make_report_data(root: Path) -> ReportData:
         budget_usd=25.0,
         generated_at=T0 + 3700.0,
         verdict=sweep_verdict(trials, "pareto"),
+        parts=parts,
     )
 
 
@@ -471,9 +493,40 @@ def test_html_report_is_self_contained(data: ReportData, tmp_path: Path):
     assert grids == ["grid-trial-000.png", "grid-trial-001.png", "grid-trial-005.png"]
     assert page.index("grid-trial-005.png") < page.index("grid-trial-001.png")
 
+    # Where the money went: $ per phase x activity from the ledger's split, every total the sum
+    # of its cells, the grand total the sweep's; each trial's estimate beside what it cost.
+    table = page.split('<table id="cost-split">', 1)[1].split("</table>", 1)[0]
+    activities = re.findall(r'<th data-activity="([^"]+)">', table)
+    assert activities == ["startup", "train", "checkpoint", "eval", "sample_grid"]
+    rows = dict(re.findall(r'<tr class="phase-row" data-phase="([^"]+)">(.*?)</tr>', table))
+    assert list(rows) == ["pretrain", "finetune"]  # the larger first
+
+    def dollars(row: str, cls: str) -> list[float]:
+        return [float(v) for v in re.findall(rf'<td class="{cls}" data-usd="([^"]+)"', row)]
+
+    total_row = table.split('<tr class="total">', 1)[1]
+    by_phase = {phase: dollars(row, "num phase-total")[0] for phase, row in rows.items()}
+    by_activity = dollars(total_row, "num activity-total")
+    for phase, row in rows.items():
+        assert sum(dollars(row, "num")) == pytest.approx(by_phase[phase])
+        assert by_phase[phase] == pytest.approx(sum(spend_by(data.spend, "phase")[phase]))
+    for i in range(len(activities)):
+        assert by_activity[i] == pytest.approx(sum(dollars(r, "num")[i] for r in rows.values()))
+    finetune = sum(spend_by(data.spend, "phase")["finetune"])
+    assert by_activity[activities.index("eval")] == pytest.approx(0.25 * finetune)
+    (grand,) = dollars(total_row, "num grand-total")
+    assert grand == pytest.approx(sum(by_phase.values())) == pytest.approx(sum(by_activity))
+    assert grand == pytest.approx(data.total_usd) == pytest.approx(25.80)
+    assert "<td>total</td>" in total_row and "$25.80" in total_row
+    trial1 = page.split('data-trial="1"', 1)[1].split("</tr>", 1)[0]
+    assert '<td class="num estimate">$4.64</td>' in trial1  # $5.10 settled, 10 % over
+    assert '<td class="num estimate-error">+10%</td>' in trial1
+    trial0 = page.split('data-trial="0"', 1)[1].split("</tr>", 1)[0]
+    assert '<td class="num estimate">—</td>' in trial0  # an older trial: no estimate
+
     # Written again into the same folder: overwritten, not duplicated.
     write_html_report(data, out)
-    assert len(list(out.glob("*.png"))) == 5 + 3
+    assert len(list(out.glob("*.png"))) == 6 + 3
 
     # The verdict is text: escaped, its lines kept; no verdict, no paragraph.
     data.verdict = "Best: <b>#5</b> & cheap\nTied: none"
@@ -502,6 +555,7 @@ def test_terminal_report(data: ReportData):
         assert state in text
     assert text.count("★") == len(PARETO) + 1  # + the column header
     assert "Spend by phase" in text and "Spend by cluster" in text and "aws-p5" in text
+    assert "Spend by activity" in text and "sample_grid" in text
 
 
 def test_every_renderer_handles_an_empty_report(tmp_path: Path):
@@ -530,9 +584,26 @@ def test_every_renderer_handles_an_empty_report(tmp_path: Path):
 # --------------------------------------------------------------------------------------------
 
 
+def _split_segment(sweep: str, trial: int, run: str) -> Segment:
+    """A $0.01 local segment of a run that did both phases in one job, split as the sync does."""
+    parts = [
+        SegmentPart("startup", "masked-pretrain", 10.0, 0.0010),
+        SegmentPart("train", "masked-pretrain", 40.0, 0.0040),
+        SegmentPart("checkpoint", "masked-pretrain", 10.0, 0.0010),
+        SegmentPart("train", "finetune", 20.0, 0.0020),
+        SegmentPart("eval", "finetune", 20.0, 0.0020),
+    ]
+    return Segment(
+        key=f"local/{run}/1/0", job_id="1", cluster="local", start=T0, end=T0 + 100.0, gpus=1,
+        gpu_seconds=100.0, cost_usd=0.0100, usd_per_gpu_hour=0.36, price_source="fixed",
+        run=run, phase="finetune", sweep=sweep, trial=trial, parts=parts,
+    )  # fmt: skip
+
+
 def test_loader_reads_intervals_the_sweeps_tolerance_and_a_verdict(tmp_path: Path):
     import optuna
 
+    from budget_lab.ledger import Ledger
     from budget_lab.report.load import load_report_data
     from budget_lab.sweep.storage import default_storage, open_storage
     from budget_lab.workspace import Workspace
@@ -571,6 +642,8 @@ def test_loader_reads_intervals_the_sweeps_tolerance_and_a_verdict(tmp_path: Pat
             alignment_ci95=[0.52, 0.64],
             alignment_se=0.031,
             cost_usd=0.0100,
+            run="noisy-000",
+            estimate_usd=0.0080,
             **scores,
         ),
     )
@@ -578,6 +651,10 @@ def test_loader_reads_intervals_the_sweeps_tolerance_and_a_verdict(tmp_path: Pat
     add(0.5, complete, dict(fid=51.0, fid_ci95=[49.0, 53.0], cost_usd=0.0115, **scores))
     add(0.75, complete, dict(fid=70.0, cost_usd=0.0300))  # an older trial: FID only
     add(0.9, pruned, dict(cost_usd=0.0020, cut_reason="lagging at $0.002"))
+    # Trial #0 ran in one job over both phases: its segment in the ledger, split by activity as
+    # the sync splits it, and the estimate it was launched with.
+    with Ledger.for_workspace(ws) as ledger:
+        ledger.upsert_segments([_split_segment("noisy", 0, "noisy-000")])
     (ws.sweep_dir("noisy") / "sweep.json").write_text(
         json.dumps({"sweep": "noisy", "objective": "pareto", "spec": {"cost_tolerance": 0.2}})
     )
@@ -592,6 +669,14 @@ def test_loader_reads_intervals_the_sweeps_tolerance_and_a_verdict(tmp_path: Pat
     assert cut.state == "PRUNED" and cut.fid is None and cut.cost_usd == 0.002
     assert data.cost_tolerance == 0.2
     assert {t.number for t in data.trials if t.pareto} == {first.number, second.number}
+    # The ledger's split, read back whole: it sums to the spend; the estimate and its error.
+    assert first.cost_usd == pytest.approx(0.0100) and data.total_usd == pytest.approx(0.0100)
+    assert sum(p.cost_usd for p in data.parts) == pytest.approx(data.total_usd, rel=1e-12)
+    by_phase = {k: u + w for k, (u, w) in split_by(data, "phase").items()}
+    assert by_phase == pytest.approx({"masked-pretrain": 0.0060, "finetune": 0.0040})
+    assert list(split_by(data, "activity")) == ["startup", "train", "checkpoint", "eval"]
+    assert (first.estimate_usd, first.estimate_error) == (0.0080, pytest.approx(0.25))
+    assert second.estimate_usd is None and second.estimate_error is None
     assert data.verdict and "$ within 20% count as equal" in data.verdict
 
     # The default tolerance when the sweep does not say: the dearer trial leaves the front.
@@ -650,6 +735,8 @@ def test_wandb_report_spec_builds_without_network(data: ReportData, no_network):
         "pareto_front",
         "scored_trials",
         "spend",
+        "cost_split",
+        "estimate_vs_settled",
     }
     # The trials table and the FID-vs-$ data carry the intervals (None for the older trial #0).
     columns = tables["trials"]["columns"]
@@ -671,6 +758,8 @@ def test_wandb_report_spec_builds_without_network(data: ReportData, no_network):
     assert isinstance(report, wr.Report) and report.entity == "my-team"
     grids = [b for b in report.blocks if isinstance(b, wr.PanelGrid)]
     assert len(grids) == 3 and sum(len(g.panels) for g in grids) == len(panels)
+    assert "**By activity:** startup $" in spec["blocks"][0]["text"]
+    assert "**Estimated before launch:**" in spec["blocks"][0]["text"]
     assert any(isinstance(p, wr.CustomChart) for p in grids[0].panels)
     assert grids[0].runsets[0].query == "mask_ratio-summary"
 
@@ -730,6 +819,8 @@ def test_sweep_summary_run_offline(data: ReportData, tmp_path: Path, monkeypatch
         assert summary["best_fid"] == 31.2 and summary["n_trials"] == 6
         assert (summary["best_fid_lo"], summary["best_fid_hi"]) == (30.3, 32.1)
         assert summary["verdict"] == data.verdict
+        estimated = [t for t in data.trials if t.estimate_usd is not None]
+        assert summary["estimate_usd"] == pytest.approx(sum(t.estimate_usd for t in estimated))
     finally:
         run.finish()
 
@@ -767,6 +858,33 @@ def test_sweep_summary_run_offline(data: ReportData, tmp_path: Path, monkeypatch
     assert [r[:2] for r in steps["data"]][:3] == [[3.2, 42.1], [5.1, 42.1], [5.1, 35.4]]
     for key in ("spend_over_time_plot", "spend_by_phase_plot", "useful_vs_wasted_plot"):
         assert _logged_table(run_files, f"{key}_table")["data"]
+
+    # Where the money went, as the ledger split it: $ per phase x activity, summing to the total;
+    # by phase and by activity (tables and bar plots); each trial's estimate vs settled.
+    split = _logged_table(run_files, "cost_split")
+    assert split["columns"] == ["phase", "activity", "cost_usd", "wasted_usd", "gpu_hours"]
+    cells = {(r[0], r[1]): r[2] for r in split["data"]}
+    assert set(cells) == {(phase, a) for phase, acts in _SPLIT.items() for a in acts}
+    assert sum(cells.values()) == pytest.approx(summary["total_usd"]) == pytest.approx(25.80)
+    assert sum(r[3] for r in split["data"]) == pytest.approx(summary["wasted_usd"])
+    for key, label in (("spend_by_phase", "phase"), ("spend_by_activity", "activity")):
+        table = _logged_table(run_files, key)
+        assert table["columns"] == [label, "useful_usd", "wasted_usd", "total_usd"]
+        assert sum(r[3] for r in table["data"]) == pytest.approx(25.80)
+    by_activity = {r[0]: r[3] for r in _logged_table(run_files, "spend_by_activity")["data"]}
+    assert list(by_activity) == ["startup", "train", "checkpoint", "eval", "sample_grid"]
+    assert by_activity["eval"] == pytest.approx(
+        sum(v for (_, a), v in cells.items() if a == "eval")
+    )
+    assert _logged_table(run_files, "spend_by_activity_plot_table")["data"]
+    estimates = _logged_table(run_files, "estimate_vs_settled")
+    col = {name: i for i, name in enumerate(estimates["columns"])}
+    got = {r[col["trial"]]: r for r in estimates["data"]}
+    assert sorted(got) == sorted(_ERRORS)  # #0, from an older study, had no estimate
+    for number, error in _ERRORS.items():
+        row = got[number]
+        assert row[col["error"]] == pytest.approx(error)
+        assert row[col["settled_usd"]] / row[col["estimate_usd"]] - 1 == pytest.approx(error)
 
 
 # --------------------------------------------------------------------------------------------

@@ -158,9 +158,9 @@ def test_report_opens_offline_with_all_trials_and_no_console_errors(chromium, re
     assert len(dom.trial_rows) == 6
     assert [r["data-state"] for r in dom.trial_rows].count("COMPLETE") == 4
     assert {int(r["data-trial"]) for r in dom.trial_rows if "pareto" in r["class"]} == PARETO
-    # Five figures and three sample grids, all decoded by the browser.
-    assert len(dom.images) == 8 and "pareto.png" in dom.images
-    assert dom.root.get("data-images-loaded") == "8"
+    # Six figures and three sample grids, all decoded by the browser.
+    assert len(dom.images) == 9 and "spend_by_activity.png" in dom.images
+    assert dom.root.get("data-images-loaded") == "9"
     assert dom.root.get("data-images-broken") == "0"
 
     # Scores with their noise in the table cells; the older trial #0 has an FID only.
@@ -175,6 +175,13 @@ def test_report_opens_offline_with_all_trials_and_no_console_errors(chromium, re
     }
     assert rows[1]["N"] == "256" and rows[1]["KID ± std"] == "0.0123 ± 0.0021"
     assert rows[1]["alignment [95% CI]"] == "0.612 [0.551, 0.673]" and rows[1]["cost"] == "$5.10"
+    # Each trial's estimate before launch beside what it cost, and the error.
+    assert (rows[1]["estimate"], rows[1]["error"]) == ("$4.64", "+10%")
+    assert (rows[0]["estimate"], rows[0]["error"]) == ("—", "—")  # an older trial: none
+    # Where the money went, by phase and activity: the totals row ends with the sweep's total.
+    split = dom.ids["cost-split"]
+    assert "start-up" in split and "evaluation" in split and "finetune" in split
+    assert split.strip().endswith("$25.80")
     # The figure says what its bars are; the verdict is a paragraph above the figures.
     assert "95% interval" in dom.ids["fig-pareto"]
     verdict = dom.ids["verdict"]

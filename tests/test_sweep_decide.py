@@ -1,5 +1,5 @@
 """Decisions that respect noise (budget_lab/sweep/decide.py), the noise-aware dollar-rung pruner
-and `repeats` (budget_lab/sweep/spec.py), on constructed trials."""
+(sweep/pruner.py) and `repeats` (sweep/spec.py), on constructed trials."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ import pytest
 from budget_lab.errors import ConfigError
 from budget_lab.eval.measurement import Measurement
 from budget_lab.sweep import DollarRungPruner, load_sweep, param_overrides, report_fid
-from budget_lab.sweep.decide import Config, config_from_rows, decide, robust_front, tiers
+from budget_lab.sweep.decide import (
+    Config,
+    attach_paired,
+    config_from_rows,
+    decide,
+    robust_front,
+    tiers,
+)
 
 
 def _m(value: float, half: float, n: int = 256) -> Measurement:
@@ -44,6 +51,29 @@ def test_best_reports_ties_and_the_verdict_says_what_it_could_not_tell_apart():
     flat = decide([_config("a", 300, 8), _config("b", 305, 8)], "fid_at_budget")
     assert not flat.separates and flat.tied_with_best == ["b"]
     assert "Could not tell the configurations apart" in flat.verdict
+
+
+def test_a_paired_difference_tells_apart_what_overlapping_intervals_cannot():
+    """Same captions and noise: the paired interval of the difference decides, both ways."""
+    configs = [_config("r=0", 241, 8.4), _config("r=0.75", 229, 8.5), _config("r=0.9", 230, 6.4)]
+    assert not decide(configs, "fid_at_budget").separates  # every interval overlaps the best
+    attach_paired(
+        configs,
+        {
+            ("r=0.75", "r=0"): _m(-11.8, 9.2),  # [-21.0, -2.6]: apart
+            ("r=0.75", "r=0.9"): _m(-0.5, 8.7),  # includes 0: tied
+            ("r=0", "r=0.9"): _m(11.2, 10.4),
+        },
+    )
+    assert configs[0].paired["r=0.75"].value == pytest.approx(11.8)  # both directions
+    d = decide(configs, "fid_at_budget")
+    assert d.tiers == [["r=0.75", "r=0.9"], ["r=0"]] and d.separates
+    assert d.best == "r=0.75" and d.tied_with_best == ["r=0.9"]
+    assert "r=0.75 minus r=0: -11.8 [-21.0, -2.6] N=256 (apart)" in d.verdict
+    assert "r=0.75 minus r=0.9: -0.5 [-9.2, 8.2] N=256 (includes 0: tied)" in d.verdict
+    # a pareto front drops a point whose paired FID is worse at the same cost
+    fronted = decide(configs, "pareto")
+    assert "r=0" not in fronted.front and set(fronted.front) == {"r=0.75", "r=0.9"}
 
 
 def test_noise_aware_front_keeps_points_that_only_noise_would_remove():

@@ -16,6 +16,7 @@ import torch
 from budget_lab.cli import main as cli_main
 from budget_lab.config import compose_run
 from budget_lab.errors import ConfigError, TrainingError
+from budget_lab.io import yaml_dump, yaml_load
 from budget_lab.train import CheckpointStore, Trainer, lr_factor, read_result
 from budget_lab.train import trainer as trainer_module
 
@@ -156,6 +157,11 @@ def test_changed_config_on_resume_is_refused(train_data_dir, tmp_path):
     Trainer(tiny_cfg(train_data_dir), run, progress=False, stop_at_step=2).run()
     with pytest.raises(ConfigError, match="differs in: phases"):
         Trainer(tiny_cfg(train_data_dir, "phases.0.lr=0.1"), run, progress=False).run()
+    # A run folder written before a field existed (here: distributed) resumes with its default.
+    saved = yaml_load((run / "config.yaml").read_text())
+    saved.pop("distributed")
+    (run / "config.yaml").write_text(yaml_dump(saved))
+    Trainer(tiny_cfg(train_data_dir), run, progress=False)._prepare_run_dir()
 
 
 def test_lr_schedule():
@@ -166,6 +172,36 @@ def test_lr_schedule():
     assert lr_factor(phase, 10) == pytest.approx(1.0)
     assert lr_factor(phase, 99) == pytest.approx(phase.min_lr_ratio, abs=1e-3)
     assert lr_factor(cfg.phases[1], 50) == 1.0  # constant
+    # A phase that ends at a dollar figure: the decay follows the dollars when they run ahead.
+    assert lr_factor(phase, 30, budget_progress=1.0) == pytest.approx(phase.min_lr_ratio)
+    assert lr_factor(phase, 30, budget_progress=0.0) == pytest.approx(lr_factor(phase, 30))
+    assert lr_factor(phase, 5, budget_progress=0.9) == pytest.approx(0.6)  # warmup by steps
+    assert lr_factor(cfg.phases[1], 50, budget_progress=0.9) == 1.0
+
+
+def test_a_dollar_bounded_phase_ends_its_schedule_with_its_dollars(train_data_dir, tmp_path):
+    """A sweep trial's job (fid_at_budget) tells the trainer how far each phase is through its
+    dollars; the phase's cosine then ends with its budget, not at its (padded) step count."""
+    from budget_lab.launch.job import EvalPlan, TrainJob
+
+    cfg = tiny_cfg(train_data_dir)
+    run = tmp_path / "run"
+    run.mkdir()
+    price = 3600.0  # $ per device-hour: $1 a second of the segment
+    plan = EvalPlan(final_eval=False, stop_at_usd=100.0, phase_end_usd=[40.0])
+    job = TrainJob(str(run), {}, usd_per_device_hour=price, devices=1, eval_plan=plan)
+    trainer = Trainer(cfg, run, progress=False)
+    job._trainer, job._attempt, job._rungs_done = trainer, 0, set()
+    start = time.time()
+    row = {"event": "start", "attempt": 0, "job_id": "t", "host": "h", "pid": os.getpid()}
+    (run / "segments.jsonl").write_text(json.dumps({**row, "devices": 1, "time": start - 30}))
+    info = {"state": {"global_step": 3}, "phase": cfg.phases[0], "phase_done": False}
+    job._after_step({**info, "phase_index": 0, "last_phase": False})
+    assert trainer.budget_progress == pytest.approx(30 / 40, abs=0.05)  # $30 of the first $40
+    (run / "segments.jsonl").write_text(json.dumps({**row, "devices": 1, "time": start - 70}))
+    job._spent_before = None
+    job._after_step({**info, "phase": cfg.phases[1], "phase_index": 1, "last_phase": True})
+    assert trainer.budget_progress == pytest.approx(30 / 60, abs=0.05)  # $30 of $40..$100
 
 
 def test_moe_parameters_get_their_own_learning_rate(train_data_dir, tmp_path, monkeypatch):

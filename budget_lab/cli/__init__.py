@@ -1,8 +1,10 @@
 """`budget-lab`: the command line. A thin layer: parse, call the component, print.
 
-Each command group lives beside the component it drives and registers itself here through a
-`register(subparsers)` function; this file only wires them together and turns user mistakes
-(`UserError`, invalid model configs) into a clear message and a non-zero exit, never a traceback.
+Each command group lives beside the component it drives: a module with a `COMMANDS` table (name ->
+one-line help) and a `register(subparsers)` function. This file only wires them together and turns
+user mistakes (`UserError`, invalid model configs) into a clear message and a non-zero exit, never
+a traceback. Only the chosen command's module registers its parsers (and imports what they need);
+the others are listed from their tables, so `budget-lab --help` starts without torch or databases.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from budget_lab.errors import UserError
 
 # Command groups, in the order of the data flow: config → data → train → eval → launch → ledger
-# → sweep → report. Each module exposes `register(subparsers)`.
+# → sweep → report. Each module exposes `COMMANDS` and `register(subparsers)`; its top-level
+# imports stay light (the standard library, budget_lab.errors): commands import what they use.
 _COMMAND_MODULES = [
     "budget_lab.cli.model",
     "budget_lab.cli.data",
@@ -55,7 +58,10 @@ Each command has its own --help with examples, e.g. `budget-lab sweep --help`.
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with `argv`, only the command it names is built in full (the
+    others are listed by name and help)."""
+    chosen = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
     parser = argparse.ArgumentParser(
         prog="budget-lab",
         description=(
@@ -65,28 +71,41 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+        module = importlib.import_module(name)
+        if argv is None or chosen in module.COMMANDS:
+            module.register(sub)
+        else:
+            for command, text in module.COMMANDS.items():
+                sub.add_parser(command, help=text, add_help=False)
     return parser
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+class _Version(argparse.Action):
+    """--version: reads the installed package's metadata only when asked (~50 ms)."""
 
-    try:
-        return version("budget-lab")
-    except PackageNotFoundError:
-        return "unknown"
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            text = version("budget-lab")
+        except PackageNotFoundError:
+            text = "unknown"
+        print(f"{parser.prog} {text}")
+        parser.exit()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args, extra = parser.parse_known_args(argv)
-    # KEY=VALUE overrides may come after options (`sweep mask_ratio --trials 2 seed=3`).
+    # Overrides may come after options (`sweep mask_ratio --trials 2 seed=3`, `~model.dim`).
     if extra:
-        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        if hasattr(args, "overrides") and all(
+            ("=" in e and not e.startswith("-")) or e.startswith("~") for e in extra
+        ):
             args.overrides = list(args.overrides) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

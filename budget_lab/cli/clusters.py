@@ -18,10 +18,17 @@ describes every key), then check it with `budget-lab clusters show <name>`.
 """
 
 
+#: This module's commands and their one-line help: `budget-lab --help` lists them without
+#: importing what the commands use.
+COMMANDS = {
+    "clusters": "list and inspect clusters (clusters/*.yaml)",
+}
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     group = sub.add_parser(
         "clusters",
-        help="list and inspect clusters (clusters/*.yaml)",
+        help=COMMANDS["clusters"],
         description=__doc__,
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

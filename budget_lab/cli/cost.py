@@ -46,10 +46,17 @@ examples:
 """
 
 
+#: This module's commands and their one-line help: `budget-lab --help` lists them without
+#: importing what the commands use.
+COMMANDS = {
+    "cost": "the dollar ledger: sync, report, calibrate estimates",
+}
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     group = sub.add_parser(
         "cost",
-        help="the dollar ledger: sync, report, calibrate estimates",
+        help=COMMANDS["cost"],
         description=(
             "What every run cost: one ledger row per segment (each time a job ran), priced from "
             "the cluster's price model, useful and wasted dollars apart."
@@ -187,7 +194,18 @@ def _report(args: argparse.Namespace) -> int:
     title += f", run {args.run}" if args.run else ""
     text = format_report(rows, by=args.by, fmt=args.format, title=title)
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    if args.run and args.format == "table":
+        line = _estimate_line(workspace, args.run, sum(r.cost_usd for r in rows))
+        if line:
+            print(line)
     return 0
+
+
+def _estimate_line(workspace: Workspace, run: str, settled: float) -> str | None:
+    """The line `estimate $X vs settled $Y: error +Z%` from the run folder's estimate.json."""
+    from budget_lab.ledger.estimate import estimate_vs_settled, read_estimate
+
+    return estimate_vs_settled(read_estimate(workspace.run_dir(run)), settled)
 
 
 def _sync(args: argparse.Namespace) -> int:
@@ -206,6 +224,11 @@ def _sync(args: argparse.Namespace) -> int:
         f"{report.unchanged} unchanged segment(s); the ledger holds ${spent:,.2f} "
         f"(${wasted:,.2f} wasted)"
     )
+    if report.learned:
+        print(
+            f"calibration updated from {len(report.learned)} settled run(s): "
+            f"{', '.join(report.learned)}"
+        )
     if report.skipped:
         print(f"not launched (no launch.json), skipped: {', '.join(report.skipped)}")
     for run, error in report.errors.items():

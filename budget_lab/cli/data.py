@@ -59,11 +59,18 @@ listed (fix: re-run the same `budget-lab data prepare` command, which redoes the
 """
 
 
+#: This module's commands and their one-line help: `budget-lab --help` lists them without
+#: importing what the commands use.
+COMMANDS = {
+    "data": "make the synthetic set, precompute latent shards, verify shards",
+}
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``data`` command group (synth, prepare, verify) to the main parser."""
     group = sub.add_parser(
         "data",
-        help="make the synthetic set, precompute latent shards, verify shards",
+        help=COMMANDS["data"],
         description=(
             "Data for training: a synthetic captioned image set (synth), images + captions "
             "encoded into latent + caption-embedding shards (prepare), and a shard checker "

@@ -25,12 +25,22 @@ checkpoints, requeues and resumes exactly (at most max_requeues times, from the 
 """
 
 
+#: This module's commands and their one-line help: `budget-lab --help` lists them without
+#: importing what the commands use.
+COMMANDS = {
+    "launch": "submit a training run to a cluster (local, Slurm) through submitit",
+    "status": "what runs where: state, phase, step, segments, log paths",
+    "logs": "print a launched run's job log (stdout, or --err)",
+    "cancel": "cancel a queued or running job now",
+}
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from budget_lab.workspace import add_workspace_argument
 
     p = sub.add_parser(
         "launch",
-        help="submit a training run to a cluster (local, Slurm) through submitit",
+        help=COMMANDS["launch"],
         description="Compose a run, print the plan and its cost estimate, and submit it.",
         epilog=_LAUNCH_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -74,21 +84,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     s = sub.add_parser(
         "status",
-        help="what runs where: state, phase, step, segments, log paths",
+        help=COMMANDS["status"],
         description="Without RUN: every run of the workspace. With RUN: its details.",
     )
     s.add_argument("run", nargs="?", help="run name (or run folder)")
     add_workspace_argument(s)
     s.set_defaults(func=_status)
 
-    lg = sub.add_parser("logs", help="print a launched run's job log (stdout, or --err)")
+    lg = sub.add_parser("logs", help=COMMANDS["logs"])
     lg.add_argument("run", help="run name (or run folder)")
     lg.add_argument("--err", action="store_true", help="stderr instead of stdout")
     lg.add_argument("-n", "--lines", type=int, default=50, help="last N lines (0 = all)")
     add_workspace_argument(lg)
     lg.set_defaults(func=_logs)
 
-    c = sub.add_parser("cancel", help="cancel a queued or running job now")
+    c = sub.add_parser("cancel", help=COMMANDS["cancel"])
     c.add_argument("run", help="run name (or run folder)")
     add_workspace_argument(c)
     c.set_defaults(func=_cancel)
@@ -195,6 +205,9 @@ def _launch(args: argparse.Namespace) -> int:
     record = launch_run(
         cfg, cluster, workspace, name, Placement(nodes, gpus), phase_jobs=args.phase_jobs
     )
+    from budget_lab.ledger import write_estimate
+
+    write_estimate(record.run_dir, estimate)  # `cost report --run` compares it with the bill
     print(f"submitted job {', '.join(record.job_ids)} (launch {record.launch_id})")
     print(f"  follow: budget-lab status {name}   logs: budget-lab logs {name}")
     if not args.wait:
@@ -209,10 +222,36 @@ def _launch(args: argparse.Namespace) -> int:
         if st.state in ("completed", "failed", "cut", "cancelled", "interrupted"):
             break
         time.sleep(2)
+    _settle(workspace, name, cluster)
     if st.state == "failed":
         print(f"run {name} failed:\n{st.error or ''}\nlogs: {st.stderr}", file=sys.stderr)
         return 1
     return 0
+
+
+def _settle(workspace, name: str, cluster) -> None:
+    """After `launch --wait`: the ended run into the ledger (a settled run updates the
+    calibration, as `cost sync` does) and its estimate vs what the ledger settled."""
+    from budget_lab.ledger import Ledger, estimate_vs_settled, read_estimate
+    from budget_lab.ledger.sync import sync_workspace
+    from budget_lab.units import usd
+
+    # Slurm's accounting rows of a job that just ended may lag: wait a little for them (a run
+    # not settled now is learned from at the next `budget-lab cost sync`).
+    wait_s = 10.0 if cluster.executor == "slurm" else 0.0
+    with Ledger.for_workspace(workspace) as ledger:
+        report = sync_workspace(
+            ledger, workspace, runs=[name], clusters=lambda _name: cluster, sacct_wait_s=wait_s
+        )
+        settled = ledger.spent(run=name)
+    if report.errors:
+        error = next(iter(report.errors.values()))
+        print(f"warning: could not sync run {name} into the ledger: {error}", file=sys.stderr)
+        return
+    line = estimate_vs_settled(read_estimate(workspace.run_dir(name)), settled)
+    print(f"cost     {line or f'settled {usd(settled)} (ledger)'}")
+    if report.learned:
+        print(f"         calibration updated from run {name} (the next estimate uses it)")
 
 
 # `budget-lab status` columns, in the order shown; the first two are never cut or dropped.

@@ -5,11 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from rich.console import Console
-from rich.table import Table
-
-from model.config import PRESETS, get_preset
-from model.summary import count_flops, count_params, layer_table
+from model.config import PRESETS  # torch-free: the preset names, for --help
 
 _INFO_EPILOG = """\
 examples:
@@ -20,8 +16,15 @@ examples:
 """
 
 
+#: This module's commands and their one-line help: `budget-lab --help` lists them without
+#: importing what the commands use.
+COMMANDS = {
+    "model": "inspect MicroDiT presets",
+}
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    group = sub.add_parser("model", help="inspect MicroDiT presets", description=__doc__)
+    group = sub.add_parser("model", help=COMMANDS["model"], description=__doc__)
     group_sub = group.add_subparsers(dest="model_command", metavar="SUBCOMMAND", required=True)
     info = group_sub.add_parser(
         "info",
@@ -79,7 +82,12 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def _info(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
     from budget_lab.errors import ConfigError
+    from model.config import get_preset
+    from model.summary import count_flops, count_params, layer_table
 
     cfg = get_preset(args.preset, **parse_overrides(args.set))
     factor = args.vae_factor or (1 if cfg.in_channels == 3 else 8)

@@ -19,13 +19,20 @@ defaults to <workspace>/sweeps/<sweep>/report, or <workspace>/report without --s
 """
 
 
+#: This module's commands and their one-line help: `budget-lab --help` lists them without
+#: importing what the commands use.
+COMMANDS = {
+    "report": "cost report: trials, FID vs $ Pareto front, spend (terminal, HTML, W&B)",
+}
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``report`` command to the main parser."""
     from budget_lab.workspace import add_workspace_argument
 
     p = sub.add_parser(
         "report",
-        help="cost report: trials, FID vs $ Pareto front, spend (terminal, HTML, W&B)",
+        help=COMMANDS["report"],
         description=(
             "Summarise a sweep (or every run of the workspace) from its Optuna study and the "
             "dollar ledger: the trials with FID and cost, the FID-vs-$ Pareto front, spend over "

@@ -13,6 +13,7 @@ _EPILOG = """\
 examples:
   budget-lab sweep mask_ratio                         the main job: local, built-in data
   budget-lab sweep mask_ratio --trials 3 --budget-usd 0.05
+  budget-lab sweep mask_ratio --dry-run               the plan and its $, nothing launched
   budget-lab sweep experts --cluster slurm-local      trials as Slurm jobs
   budget-lab sweep sweeps/my-sweep.yaml phases.0.batch_size=32
   budget-lab sweep joint --storage postgresql+psycopg://me@db/optuna   a database study
@@ -24,12 +25,19 @@ re-attached, finished ones are told, nothing runs twice. Results: WORKSPACE/swee
 """
 
 
+#: This module's commands and their one-line help: `budget-lab --help` lists them without
+#: importing what the commands use.
+COMMANDS = {
+    "sweep": "run (or resume) a sweep over mask ratio, experts, width... against FID per dollar",
+}
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from budget_lab.workspace import add_workspace_argument
 
     p = sub.add_parser(
         "sweep",
-        help="run (or resume) a sweep over mask ratio, experts, width... against FID per dollar",
+        help=COMMANDS["sweep"],
         description="Optuna ask/tell over launched training jobs; FID and $ per trial.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -52,6 +60,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "postgresql+psycopg://USER@HOST/DB); default: WORKSPACE/sweeps/NAME/study.journal",
     )
     p.add_argument("--no-report", action="store_true", help="skip the HTML report at the end")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (trials, phases, cluster, slots) with $ and wall time per trial and "
+        "in total against the budget; launch nothing, create no study",
+    )
     p.add_argument(
         "--wandb-project",
         default="budget-lab",
@@ -89,9 +103,11 @@ def _sweep(args: argparse.Namespace) -> int:
             "refuses any spend); pass e.g. --budget-usd 50, or leave it out for the sweep's"
         )
     budget = args.budget_usd if args.budget_usd is not None else spec.budget_usd
-    workspace = Workspace.from_args(args.workspace).ensure()
     cluster = load_cluster(args.cluster or spec.cluster)
     overrides = list(args.overrides)
+    if args.dry_run:
+        return _dry_run(args, spec, cluster, overrides)
+    workspace = Workspace.from_args(args.workspace).ensure()
     if args.storage is not None:
         from budget_lab.sweep.storage import check_storage
 
@@ -140,6 +156,80 @@ def _sweep(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _dry_run(args: argparse.Namespace, spec, cluster, overrides: list[str]) -> int:
+    """`sweep --dry-run`: the plan and its dollars; no study, no run folder, no data made."""
+    from budget_lab.sweep.controller import SweepController
+    from budget_lab.sweep.storage import JOURNAL_NAME
+    from budget_lab.units import usd as _usd
+    from budget_lab.workspace import Workspace
+
+    workspace = Workspace.from_args(args.workspace)
+    # Named, never opened: the study's folder and file are not created.
+    storage = args.storage or str(workspace.sweep_dir(spec.name) / JOURNAL_NAME)
+    controller = SweepController(
+        spec,
+        workspace,
+        cluster,
+        budget_usd=args.budget_usd,
+        n_trials=args.trials,
+        storage=storage,
+        overrides=overrides,
+        progress=False,
+    )
+    try:
+        plan = controller.plan()
+    finally:
+        controller.ledger.close()
+    print(
+        f"sweep {plan['sweep']} (dry run: nothing launched, no study created): objective "
+        f"{plan['objective']}, sampler {plan['sampler']}, {plan['trials']} trial(s), "
+        f"{plan['slots']} slot(s) on {plan['cluster']} ({plan['gpus_per_trial']} device(s) each)"
+    )
+    print("phases of a trial: " + ", ".join(plan["phases"]))
+    if spec.objective == "fid_at_budget" and spec.trial_budget_usd:
+        shares = " / ".join(f"{share:.0%}" for share in spec.budget_split or ())
+        print(
+            f"  each trial trains until it has spent {_usd(spec.trial_budget_usd)}"
+            + (f" ({shares} over the phases)" if shares else "")
+            + ": the step counts are sized at launch; its final FID follows"
+        )
+    print(f"price: {plan['price_source']}")
+    for t in plan["trial_plans"]:
+        params = ", ".join(f"{k}={v}" for k, v in t["params"].items()) or "the base config"
+        split = ", ".join(f"{k} {_usd(v)}" for k, v in t["by_activity_usd"].items() if v > 0)
+        print(
+            f"  {params}: {_usd(t['usd'])}, {t['wall_hours'] * 60:.1f} min "
+            f"({split}) [{', '.join(t['sources'])}]"
+        )
+    if plan["sampler"] != "grid":
+        print(f"  x {plan['trials']} trials ({plan['sampler']} picks the params as it goes)")
+    total, budget = plan["total_usd"], plan["budget_usd"]
+    print(
+        f"total: {_usd(total)}, about {plan['wall_hours'] * 60:.1f} min wall clock on "
+        f"{plan['slots']} slot(s); budget " + ("none" if budget is None else f"{_usd(budget)}")
+    )
+    if budget is not None and total > budget:
+        fits = sum(1 for _ in _fitting(plan, budget))
+        print(
+            f"the plan exceeds the budget by {_usd(total - budget)}: about {fits} of "
+            f"{plan['trials']} trial(s) would run before the cap stops the sweep; raise "
+            "--budget-usd or pass --trials"
+        )
+    return 0
+
+
+def _fitting(plan: dict, budget: float):
+    """The trials of a plan that fit in `budget`, in order."""
+    spent = 0.0
+    per = plan["trial_plans"]
+    each = per if plan["sampler"] == "grid" else per * plan["trials"]
+    for t in each:
+        spent += t["usd"]
+        if spent > budget:
+            return
+        yield t
 
 
 def safe_storage(storage: str) -> str:
@@ -228,6 +318,16 @@ def _interval(t: dict, name: str, digits: int) -> str:
     return f"{t[name]:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
 
+def _estimate_cell(t: dict) -> str:
+    """The trial's estimate and its error against the settled $ ("-" without an estimate)."""
+    from budget_lab.units import usd as _usd
+
+    if not t.get("estimate_usd"):
+        return "-"
+    error = t.get("estimate_error")
+    return _usd(t["estimate_usd"]) + (f" ({error:+.0%})" if error is not None else "")
+
+
 def _print_summary(summary, seconds: float) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -242,6 +342,7 @@ def _print_summary(summary, seconds: float) -> None:
     for col in columns:
         table.add_column(col, overflow="fold")
     table.add_column("$", no_wrap=True, min_width=9)
+    table.add_column("est. $ (error)", no_wrap=True)
     table.add_column("front", no_wrap=True)
     for t in summary.trials:
         params = ", ".join(
@@ -256,6 +357,7 @@ def _print_summary(summary, seconds: float) -> None:
             kid,
             _interval(t, "alignment", 2),
             _usd(t["cost_usd"]),
+            _estimate_cell(t),
             "★" if t["number"] in summary.pareto else "",
         )
     console.print(table)

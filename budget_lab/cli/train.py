@@ -7,8 +7,11 @@ import json
 from pathlib import Path
 
 _TRAIN_EPILOG = """\
-Overrides are key=value, applied over the recipe YAML (YAML < CLI), e.g.
-  phases.0.steps=200  phases.1.lr=3e-4  model.num_experts=0  optim.ema_decay=0.99  seed=1
+Overrides use Hydra's grammar, applied over the recipe YAML (YAML < CLI): key=value sets a key,
+~key deletes one the recipe sets (back to the preset's value / the default), e.g.
+  phases.0.steps=200  phases.1.lr=3e-4  model.num_experts=0  model.attn_ratio=[0.25,1.0]  seed=1
+Recipes: recipes/<name>.yaml, or $BUDGET_LAB_CONFIG_DIR/recipes/ (else workspace/configs/recipes/)
+first; a recipe extends others with a defaults list, e.g. `defaults: [nano, _self_]`.
 
 examples:
   budget-lab train                                      # recipe nano on data/synth-latents
@@ -20,12 +23,20 @@ Signals: SIGUSR1 saves a checkpoint now; SIGTERM / Ctrl-C saves one and stops.
 """
 
 
+#: This module's commands and their one-line help: `budget-lab --help` lists them without
+#: importing what the commands use.
+COMMANDS = {
+    "train": "train a recipe (phases: masked pretrain -> unmasked finetune) in a run folder",
+    "eval": "FID (real InceptionV3) and a sample grid for a run",
+}
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    from budget_lab.config import list_recipes
+    from budget_lab.config_files import list_configs  # no Hydra: `budget-lab --help` stays fast
 
     train = sub.add_parser(
         "train",
-        help="train a recipe (phases: masked pretrain -> unmasked finetune) in a run folder",
+        help=COMMANDS["train"],
         description="Train MicroDiT through the phases of a recipe, on this machine (CPU or GPUs "
         "via accelerate; `accelerate launch -m budget_lab train ...` for several GPUs).",
         epilog=_TRAIN_EPILOG,
@@ -34,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--recipe",
         default="nano",
-        help=f"recipe name ({', '.join(list_recipes())}) or YAML path (default nano)",
+        help=f"recipe name ({', '.join(list_configs('recipes'))}) or YAML path (default nano)",
     )
     train.add_argument("--run-dir", default=None, help="run folder (default runs/<recipe name>)")
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
@@ -44,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     ev = sub.add_parser(
         "eval",
-        help="FID (real InceptionV3) and a sample grid for a run",
+        help=COMMANDS["eval"],
         description="Sample the run's EMA weights with the EDM Heun sampler for the validation "
         "captions and compute FID against the validation images (reference statistics cached "
         "beside the data). Writes eval.json and samples/eval-*.png into the run folder.",

@@ -19,6 +19,7 @@ __all__ = [
     "EvalConfig",
     "CheckpointConfig",
     "WandbConfig",
+    "DistributedConfig",
     "RunConfig",
 ]
 
@@ -97,11 +98,16 @@ class DataConfig:
     """Where the prepared shards are (`budget-lab data prepare --out`) and how to read them."""
 
     path: str = "data/synth-latents"  # folder with manifest.json (relative to the working dir)
-    num_workers: int = 0  # DataLoader workers per process; resume is exact with the same count
-    shuffle_buffer: int = 1000  # samples in each worker's shuffle buffer
+    num_workers: int = 0  # DataLoader workers per process (may change between segments)
+    shuffle_buffer: int = 1000  # samples in each lane's shuffle buffer
+    # Lanes an epoch is cut into (budget_lab.data.loader): the data order depends on these, not on
+    # the world size. null: world size x workers. Pin it (e.g. 64: a multiple of every world size
+    # x workers you use, dividing every micro-batch x world size) to move a run between sizes.
+    lanes: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "expected >= 0")
+        _check(self.lanes is None or self.lanes >= 1, "data.lanes", self.lanes, "expected >= 1")
         _check(
             self.shuffle_buffer >= 1, "data.shuffle_buffer", self.shuffle_buffer, "expected >= 1"
         )
@@ -186,6 +192,25 @@ class WandbConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """How a run spreads over its processes (one per GPU); one process ignores it."""
+
+    # ddp: every rank holds the whole model, EMA and optimizer state; gradients are all-reduced.
+    # fsdp: torch FSDP2, one shard unit per transformer block (MoE experts split along the expert
+    # axis): parameters, gradients, optimizer and EMA state split over the ranks, for models whose
+    # AdamW state does not fit one device. Checkpoints hold the full state either way.
+    strategy: str = "ddp"
+
+    def __post_init__(self) -> None:
+        _check(
+            self.strategy in ("ddp", "fsdp"),
+            "distributed.strategy",
+            self.strategy,
+            "expected ddp (replicated, the default) or fsdp (sharded, for large models)",
+        )
+
+
+@dataclass
 class RunConfig:
     """A whole training run."""
 
@@ -199,6 +224,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     mixed_precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU; or "no" / "bf16"
     compile: bool = False  # torch.compile the model (GPU)
     log_every: int = 10  # optimizer steps between metrics.jsonl rows

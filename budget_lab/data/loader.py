@@ -10,39 +10,46 @@ epoch after epoch, forever::
 
 How an epoch is laid out
 ------------------------
-Everything below is a pure function of the manifest, ``seed``, the epoch number, ``world_size``,
-``num_workers`` and ``batch_size``, so every rank and worker computes the same plan on its own.
+Everything below is a pure function of the manifest, ``seed``, the epoch number, ``lanes`` and
+``global_batch``, and *not* of ``world_size``, ``num_workers`` or ``batch_size``: the same global
+batches come out on one process or on eight, with or without gradient accumulation, so a run can
+move to another world size and resume exactly. Every rank and worker computes the plan on its own.
 
 1. The split's shards are put in a random order drawn from ``(seed, epoch)`` (manifest order when
    ``shuffle=False``), and their samples are concatenated into one epoch stream of N samples.
-2. The stream is cut into ``S = world_size * max(num_workers, 1)`` contiguous, equal *slots* of
-   ``q = floor(N / (S * batch_size)) * batch_size`` samples; slot ``rank * W + w`` is read by
-   worker ``w`` of rank ``rank``. The last ``N - S * q`` samples of the stream (fewer than
-   ``S * batch_size``) are left out of that epoch; which ones changes from epoch to epoch since
-   the shard order does. So within an epoch the ranks' samples are disjoint, and together they
-   cover every sample but that remainder.
-3. A worker reads only the shards its slot overlaps. A slot that starts inside a shard reads
-   that shard's earlier samples as raw bytes and drops them without decoding them; so when there
-   are fewer shards than ``S`` every slot still gets its share, at the cost of reading more bytes
-   (prepare at least ``world_size * num_workers`` shards to avoid it).
-4. Each worker shuffles its slot with a ``shuffle_buffer``-sample buffer (webdataset's shuffle,
-   seeded from ``(seed, epoch, slot)``; the buffer holds raw samples: about ``shuffle_buffer``
-   times a sample's size in memory per worker), decodes, and batches it: ``q / batch_size`` full
-   batches per worker per epoch, no partial batch.
-5. The DataLoader takes one batch from each worker in turn, so batch ``j`` of a rank's epoch is
-   batch ``j // W`` of worker ``j % W``; a rank yields ``batches_per_epoch = W * q / batch_size``
-   batches per epoch, and all ranks yield the same number.
+2. The stream is cut into ``S = lanes`` contiguous, equal *lanes* of
+   ``q = floor(N / G) * G / S`` samples, ``G = global_batch`` (samples per optimizer step over all
+   ranks). The last ``N - S * q`` samples (fewer than ``G``) are left out of that epoch; which ones
+   changes from epoch to epoch since the shard order does.
+3. Each lane is shuffled with a ``shuffle_buffer``-sample buffer (webdataset's shuffle, seeded from
+   ``(seed, epoch, lane)``; the buffer holds raw samples). Global sample position ``g`` of an epoch
+   is sample ``g // S`` of lane ``g % S``, so a global batch of G positions takes ``G / S``
+   consecutive samples from every lane.
+4. There are ``R = world_size * max(num_workers, 1)`` readers (rank ``r``, worker ``w`` is reader
+   ``r * W + w``), and reader ``i`` owns the lanes ``[i * S / R, (i + 1) * S / R)``: it reads only
+   the shards those lanes overlap (a lane starting inside a shard reads that shard's earlier
+   samples as raw bytes and drops them undecoded). A rank's batch takes ``c = batch_size *
+   world_size / S`` samples from each of its lanes, lane by lane; each worker collates the part of
+   its lanes and the main process concatenates the workers' parts in order. So ``lanes`` must be a
+   multiple of ``world_size * max(num_workers, 1)`` and divide ``batch_size * world_size``
+   (`ConfigError` says so otherwise); the default, ``world_size * max(num_workers, 1)``, always
+   fits, but pin ``lanes`` (e.g. 64) to move a run between world sizes.
+5. A rank yields ``batches_per_epoch = q / c`` batches per epoch (all ranks the same number);
+   together the ranks' batches ``j`` hold global positions ``[j * c * S, (j + 1) * c * S)``, and
+   within an epoch every kept sample is seen exactly once, by one rank and one worker. Each batch
+   carries ``"index"``: the samples' global positions in their epoch (int64 (B,)), so a trainer
+   can draw per-sample noise that does not depend on how the batch was split.
 
 Exact resume
 ------------
-`ShardLoader.state_dict` is ``{"epoch", "batch", ...}``: the epoch and the number of batches
-this rank has yielded in it (the same on every rank), plus the settings that determine the order.
-A new loader given that state with `load_state_dict` yields, bit for bit, the batches an
-uninterrupted loader would have yielded next. Each worker skips the batches its role had already
-produced by dropping that many raw samples after the shuffle, before decoding them; the workers'
-roles are rotated so that the DataLoader's round-robin continues with the right one. Exact resume
-needs the same data, seed, shuffle settings, batch size, world size and num_workers (checked;
-``strict=False`` accepts other ones and resumes at the same fraction of the same epoch instead).
+`ShardLoader.state_dict` is ``{"epoch", "batch", "lane_position", ...}``: the epoch and how far
+every lane has been read in it (the same on every rank), plus the settings that fix the order.
+A new loader given that state with `load_state_dict` yields, bit for bit, the samples an
+uninterrupted loader would have yielded next; every lane drops the samples already read after the
+shuffle, before decoding them. Exact resume needs the same data, seed, shuffle settings, lanes and
+global batch (checked), and a position that falls on a whole batch of the new loader; world
+size, workers and batch size may change. ``strict=False`` accepts other settings and resumes at
+the same fraction of the same epoch instead.
 
 Errors
 ------
@@ -101,15 +108,14 @@ MANIFEST_VERSION = 1
 Batch = dict[str, Any]
 
 _STATE_FORMAT = "budget-lab-shard-loader"
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: lanes (world-size-free order)
 # State fields that must match for an exact resume.
 _LAYOUT_FIELDS = (
     "seed",
     "shuffle",
     "shuffle_buffer",
-    "batch_size",
-    "num_workers",
-    "world_size",
+    "lanes",
+    "global_batch",
     "split",
     "resolution",
 )
@@ -428,14 +434,14 @@ class _StreamSpec:
     counts: tuple[int, ...]
     latent_shape: tuple[int, int, int]
     caption_shape: tuple[int, int]
-    batch_size: int
     seed: int
     shuffle: bool
     shuffle_buffer: int
-    rank: int
-    world_size: int
-    workers: int
-    per_slot: int
+    lanes: int  # S
+    lane_length: int  # q: samples of each lane per epoch
+    per_lane: int  # c: samples each lane gives to one batch of a rank
+    first_lane: int  # of reader (rank, worker 0)
+    lanes_per_reader: int
 
 
 def _read_range(path: str, expected: int, first: int, end: int) -> Iterator[dict[str, Any]]:
@@ -502,50 +508,58 @@ def _collate(samples: list[dict[str, Any]]) -> Batch:
     }
 
 
-class _SlotStream(IterableDataset):
-    """Infinite batches of one worker: its slot of each epoch, shuffled, decoded, batched."""
+class _LaneStream(IterableDataset):
+    """Infinite batch parts of one worker: `per_lane` samples of each of its lanes per batch."""
 
-    def __init__(self, spec: _StreamSpec, start_epoch: int, start_batch: int) -> None:
+    def __init__(self, spec: _StreamSpec, start_epoch: int, start_position: int) -> None:
         super().__init__()
         self.spec = spec
         self.start_epoch = start_epoch
-        self.start_batch = start_batch
+        self.start_position = start_position  # samples already read from every lane this epoch
 
-    def _epoch(self, epoch: int, role: int, skip_batches: int) -> Iterator[Batch]:
+    def _lane(self, epoch: int, order: list[int], lane: int, skip: int) -> Iterator[dict]:
         import webdataset as wds
 
         spec = self.spec
-        order = list(range(len(spec.paths)))
-        if spec.shuffle:
-            random.Random(_mix(spec.seed, epoch, "shards")).shuffle(order)
-        slot = spec.rank * spec.workers + role
-        plan = _slot_plan(spec.counts, order, slot * spec.per_slot, (slot + 1) * spec.per_slot)
+        q = spec.lane_length
+        plan = _slot_plan(spec.counts, order, lane * q, (lane + 1) * q)
         raw: Iterator[dict[str, Any]] = (
             sample
             for shard, first, end in plan
             for sample in _read_range(spec.paths[shard], spec.counts[shard], first, end)
         )
         if spec.shuffle:
-            rng = random.Random(_mix(spec.seed, epoch, "samples", slot))
+            rng = random.Random(_mix(spec.seed, epoch, "samples", lane))
             raw = wds.filters.shuffle(spec.shuffle_buffer, spec.shuffle_buffer, rng=rng)(raw)
-        raw = islice(raw, skip_batches * spec.batch_size, None)  # skipped before decoding
-        decoded = (_decode(sample, spec) for sample in raw)
-        yield from wds.filters.batched(spec.batch_size, collation_fn=_collate, partial=False)(
-            decoded
-        )
+        return islice(raw, skip, None)  # skipped before decoding
+
+    def _epoch(self, epoch: int, worker: int, skip: int) -> Iterator[Batch]:
+        spec = self.spec
+        order = list(range(len(spec.paths)))
+        if spec.shuffle:
+            random.Random(_mix(spec.seed, epoch, "shards")).shuffle(order)
+        first = spec.first_lane + worker * spec.lanes_per_reader
+        lanes = range(first, first + spec.lanes_per_reader)
+        streams = [self._lane(epoch, order, lane, skip) for lane in lanes]
+        c = spec.per_lane
+        for position in range(skip, spec.lane_length, c):
+            samples, index = [], []
+            for lane, stream in zip(lanes, streams, strict=True):
+                samples.extend(_decode(sample, spec) for sample in islice(stream, c))
+                index.extend((position + o) * spec.lanes + lane for o in range(c))
+            if len(samples) < c * len(streams):  # a lane ran short: its shard lied about count
+                raise DataError(f"a lane of epoch {epoch} ended early: {_FIX}")
+            batch = _collate(samples)
+            batch["index"] = torch.tensor(index, dtype=torch.int64)
+            yield batch
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        workers = self.spec.workers
-        # Rotate roles so that the DataLoader's round-robin, which always starts at worker 0,
-        # continues with the role whose batch is next.
-        role = (worker + self.start_batch) % workers
-        skip = max(0, -(-(self.start_batch - role) // workers))
-        epoch = self.start_epoch
+        epoch, skip = self.start_epoch, self.start_position
         try:
             while True:
-                yield from self._epoch(epoch, role, skip)
+                yield from self._epoch(epoch, worker, skip)
                 epoch, skip = epoch + 1, 0
         except DataError as err:
             if info is None:
@@ -553,6 +567,17 @@ class _SlotStream(IterableDataset):
             # Raised inside a worker, torch would re-raise it with the worker's traceback pasted
             # into the message; pass the message on instead and let the main process raise it.
             yield {_ERROR_KEY: str(err)}
+
+
+def _concat(parts: list[Batch]) -> Batch:
+    if len(parts) == 1:
+        return parts[0]
+    return {
+        k: torch.cat([p[k] for p in parts])
+        if isinstance(parts[0][k], torch.Tensor)
+        else [x for p in parts for x in p[k]]
+        for k in parts[0]
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -579,14 +604,18 @@ class ShardLoader:
         shuffle_buffer: samples held by each worker's shuffle buffer.
         num_workers: DataLoader worker processes (0: read in the main process).
         rank, world_size: this process's place in distributed training.
+        lanes: how many lanes an epoch is cut into (see above); None: world_size x
+            max(num_workers, 1). Pin it to keep the order when world size or workers change.
+        global_batch: samples per optimizer step over all ranks (batch_size x world_size x
+            gradient accumulation); None: batch_size x world_size. Fixes the epoch length.
         expect: what the model needs, checked against the manifest (`DataError` on mismatch):
             any of ``latent_shape`` (C, H, W), ``latent_channels``, ``image_encoder``,
             ``text_encoder`` (names), ``caption_dim`` (D), ``max_tokens`` (L).
         verify: check every shard's sha256 now (reads the whole split once).
         pin_memory: pin batches (for fast copies to a GPU).
 
-    Raises `DataError` when the data is missing, incomplete, too small for
-    ``world_size * num_workers`` full batches, or does not match `expect`; `ConfigError` for
+    Raises `DataError` when the data is missing, incomplete, smaller than one global batch,
+    or does not match `expect`; `ConfigError` for
     invalid arguments. Iterate with ``iter(loader)`` (one iterator at a time); each new iterator
     starts at the current position (`state_dict`). For one finite pass (evaluation), take
     ``itertools.islice(loader, loader.batches_per_epoch)``.
@@ -604,6 +633,8 @@ class ShardLoader:
         num_workers: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        lanes: int | None = None,
+        global_batch: int | None = None,
         expect: Mapping[str, Any] | None = None,
         verify: bool = False,
         pin_memory: bool = False,
@@ -644,34 +675,52 @@ class ShardLoader:
             validate_shards(self.manifest.root, self.resolution, split)
         total = sum(s.count for s in self.split_info.shards)
         workers = max(self.num_workers, 1)
-        slots = self.world_size * workers
-        per_slot = total // (slots * self.batch_size) * self.batch_size
-        if per_slot == 0:
+        readers = self.world_size * workers
+        self.lanes = readers if lanes is None else _check_int("lanes", lanes, 1)
+        rank_batch = self.batch_size * self.world_size
+        self.global_batch = (
+            rank_batch if global_batch is None else _check_int("global_batch", global_batch, 1)
+        )
+        if self.lanes % readers or rank_batch % self.lanes:
+            raise ConfigError(
+                f"lanes={self.lanes} does not fit: it must be a multiple of world_size x "
+                f"max(num_workers, 1) = {self.world_size} x {workers} = {readers} and divide "
+                f"batch_size x world_size = {self.batch_size} x {self.world_size} = {rank_batch}. "
+                "Pick lanes (data.lanes) that does, or change num_workers or the batch size"
+            )
+        if self.global_batch % rank_batch:
+            raise ConfigError(
+                f"global_batch={self.global_batch} is not a multiple of batch_size x world_size "
+                f"= {rank_batch}: a step must be a whole number of batches"
+            )
+        lane_length = total // self.global_batch * self.global_batch // self.lanes
+        if lane_length == 0:
             raise DataError(
-                f"{self._where()} has {total} samples, fewer than world_size x workers x "
-                f"batch_size = {self.world_size} x {workers} x {self.batch_size} = "
-                f"{slots * self.batch_size}: every worker of every rank needs a full batch per "
-                "epoch. Lower batch_size or num_workers, or prepare more data"
+                f"{self._where()} has {total} samples, fewer than the global batch "
+                f"{self.global_batch} (batch_size {self.batch_size} x world_size "
+                f"{self.world_size} x accumulation {self.global_batch // rank_batch}): every "
+                "epoch needs a full global batch. Lower the batch size, or prepare more data"
             )
         te = self.manifest.text_encoder
+        per_reader = self.lanes // readers
         self._spec = _StreamSpec(
             paths=tuple(str(s.path) for s in self.split_info.shards),
             counts=tuple(s.count for s in self.split_info.shards),
             latent_shape=self.info.latent_shape,
             caption_shape=(te.max_tokens, te.width),
-            batch_size=self.batch_size,
             seed=seed,
             shuffle=self.shuffle,
             shuffle_buffer=self.shuffle_buffer,
-            rank=self.rank,
-            world_size=self.world_size,
-            workers=workers,
-            per_slot=per_slot,
+            lanes=self.lanes,
+            lane_length=lane_length,
+            per_lane=rank_batch // self.lanes,
+            first_lane=self.rank * workers * per_reader,
+            lanes_per_reader=per_reader,
         )
         #: Samples this rank sees per epoch (all in full batches).
-        self.samples_per_epoch = per_slot * workers
+        self.samples_per_epoch = lane_length * self.lanes // self.world_size
         #: Batches this rank yields per epoch.
-        self.batches_per_epoch = self.samples_per_epoch // self.batch_size
+        self.batches_per_epoch = lane_length // self._spec.per_lane
         self._epoch = 0
         self._batch = 0
         fingerprint = hashlib.sha256()
@@ -725,7 +774,8 @@ class ShardLoader:
         return self._spec.caption_shape
 
     def __iter__(self) -> Iterator[Batch]:
-        dataset = _SlotStream(self._spec, self._epoch, self._batch)
+        c = self._spec.per_lane
+        dataset = _LaneStream(self._spec, self._epoch, self._batch * c)
         loader = DataLoader(
             dataset,
             batch_size=None,
@@ -733,10 +783,15 @@ class ShardLoader:
             pin_memory=self.pin_memory,
         )
         iterator = iter(loader)
+        parts_per_batch = max(self.num_workers, 1)
         try:
-            for batch in iterator:
-                if _ERROR_KEY in batch:
-                    raise DataError(batch[_ERROR_KEY])
+            while True:
+                parts = []
+                for part in islice(iterator, parts_per_batch):
+                    if _ERROR_KEY in part:
+                        raise DataError(part[_ERROR_KEY])
+                    parts.append(part)
+                batch = _concat(parts)
                 self._batch += 1
                 if self._batch == self.batches_per_epoch:
                     self._epoch, self._batch = self._epoch + 1, 0
@@ -745,16 +800,20 @@ class ShardLoader:
             del iterator  # shuts the workers down
 
     def state_dict(self) -> dict[str, Any]:
-        """The position (epoch, batches yielded in it) and the settings that fix the order."""
+        """The position (epoch, batches yielded in it, samples read from each lane) and the
+        settings that fix the order."""
         return {
             "format": _STATE_FORMAT,
             "version": _STATE_VERSION,
             "epoch": self._epoch,
             "batch": self._batch,
+            "lane_position": self._batch * self._spec.per_lane,
             "batches_per_epoch": self.batches_per_epoch,
             "seed": self.seed,
             "shuffle": self.shuffle,
             "shuffle_buffer": self.shuffle_buffer,
+            "lanes": self.lanes,
+            "global_batch": self.global_batch,
             "batch_size": self.batch_size,
             "num_workers": self.num_workers,
             "world_size": self.world_size,
@@ -796,12 +855,16 @@ class ShardLoader:
                     f"the shards of {self._where()} are not the ones the state was saved with: "
                     "resume with the same data folder, or load_state_dict(state, strict=False)"
                 )
-            if not 0 <= batch < self.batches_per_epoch or epoch < 0:
+            c = self._spec.per_lane
+            position = int(state.get("lane_position", batch * c))
+            if position % c or not 0 <= position // c < self.batches_per_epoch or epoch < 0:
                 raise ConfigError(
-                    f"ShardLoader state position epoch={epoch}, batch={batch} is out of range "
-                    f"(an epoch has {self.batches_per_epoch} batches)"
+                    f"ShardLoader state position epoch={epoch}, lane position {position} does not "
+                    f"fall on a batch of this loader (an epoch has {self.batches_per_epoch} "
+                    f"batches of {c} samples per lane): resume with batch_size x world_size "
+                    "dividing the global batch, or load_state_dict(state, strict=False)"
                 )
-            self._epoch, self._batch = epoch, batch
+            self._epoch, self._batch = epoch, position // c
             return
         fraction = batch / old_per_epoch if old_per_epoch > 0 else 0.0
         self._epoch = max(epoch, 0)

@@ -8,6 +8,7 @@ on the same prompts, the same number of samples and the same sampler settings.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import replace
@@ -25,12 +26,28 @@ from budget_lab.eval.alignment import AlignmentScorer, alignment_score, parse_ca
 from budget_lab.eval.fid import FIDEvaluator, ReferenceStats
 from budget_lab.eval.grid import save_grid
 from budget_lab.eval.sampling import generate_images, image_decoder, real_images, val_batches
-from budget_lab.eval.stats import fid_measurement, kid_measurement
+from budget_lab.eval.stats import (
+    Measurement,
+    fid_measurement,
+    kid_measurement,
+    paired_fid_difference,
+)
 from budget_lab.io import atomic_write, atomic_write_json, yaml_load
 from budget_lab.train.checkpoint import CheckpointStore
 from model.microdit import MicroDiT
 
-__all__ = ["evaluate_run", "load_run_model", "prepare_references", "score_model"]
+__all__ = [
+    "FEATURES_FILE",
+    "evaluate_run",
+    "load_run_model",
+    "paired_differences",
+    "prepare_references",
+    "score_model",
+]
+
+#: The generated images' Inception features of a run's final evaluation (float32 (N, 2048), row i
+#: sampled for validation caption i with the seed's noise), kept for paired comparisons.
+FEATURES_FILE = "eval-features.npy"
 
 
 def load_run_model(run_dir: str | os.PathLike[str], untrained: bool = False, ema: bool = True):
@@ -194,6 +211,7 @@ def score_model(
         **align,
         "images": images,
         "texts": texts,
+        "features": feats,
         "num_samples": n,
         "num_reference": n_ref,
         "sampler_steps": edm.num_steps,
@@ -287,8 +305,65 @@ def evaluate_run(
         "grid": str(grid),
         "seconds": scored["seconds"],
     }
+    if tag == "trained":  # the features a paired comparison with another trial needs
+        feats = scored["features"].numpy().astype(np.float32)
+        atomic_write(run_dir / FEATURES_FILE, lambda fh: np.save(fh, feats))
+        result["features"] = FEATURES_FILE
     out = run_dir / {"untrained": "eval-untrained.json", "trained": "eval.json"}.get(
         tag, f"eval-{tag}.json"
     )
     atomic_write_json(out, result)
     return result
+
+
+#: What two evaluations must share for their samples to pair row by row.
+_PAIRED_KEYS = ("num_samples", "seed", "sampler_steps", "cfg_scale", "num_reference", "resolution")
+
+
+def paired_differences(
+    run_dirs: dict[str, str | os.PathLike[str]],
+) -> dict[tuple[str, str], Measurement]:
+    """{(a, b): FID_a - FID_b with its paired interval} for every pair of runs (keyed by any
+    label, e.g. a sweep configuration) whose final evaluations sampled the same captions with the
+    same noise on the same data (`stats.paired_fid_difference`); pairs that do not qualify, or
+    whose features are missing, are left out (their comparison stays unpaired)."""
+    evals: dict[str, tuple[dict[str, Any], Any, np.ndarray]] = {}
+    for label, folder in run_dirs.items():
+        folder = Path(folder)
+        try:
+            info = json.loads((folder / "eval.json").read_text())
+            cfg = run_config_from_dict(yaml_load((folder / "config.yaml").read_text()))
+            feats = np.load(folder / FEATURES_FILE, allow_pickle=False)
+        except (OSError, ValueError, KeyError, UserError):
+            continue
+        if feats.shape[0] != info.get("num_samples"):
+            continue
+        evals[label] = (info, cfg, feats)
+    out: dict[tuple[str, str], Measurement] = {}
+    labels = list(evals)
+    refs: dict[Path, ReferenceStats] = {}
+    for i, a in enumerate(labels):
+        for b in labels[i + 1 :]:
+            (ia, ca, fa), (ib, cb, fb) = evals[a], evals[b]
+            same = all(ia.get(k) == ib.get(k) for k in _PAIRED_KEYS)
+            if not same or Path(ca.data.path).resolve() != Path(cb.data.path).resolve():
+                continue
+            data_dir, res, info, split, n_ref = _reference_plan(ca)
+            stats = data_dir / f"fid-ref-{info.resolution}-{split}-{n_ref}.npz"  # as `_reference`
+            if stats not in refs:
+                try:  # the evaluations cached it; Inception is loaded only if it is gone
+                    refs[stats] = ReferenceStats.load(stats)
+                except (OSError, ValueError, KeyError, UserError, DataError):
+                    evaluator = FIDEvaluator(device="cpu", batch_size=100, progress=False)
+                    refs[stats] = _reference(evaluator, data_dir, n_ref, info.resolution, split)[0]
+            ref = refs[stats]
+            out[(a, b)] = paired_fid_difference(
+                fa,
+                fb,
+                ref.mu,
+                ref.sigma,
+                resamples=ca.eval.resamples,
+                confidence=ca.eval.confidence,
+                seed=ia.get("seed", 0),
+            )
+    return out

@@ -23,6 +23,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
+from budget_lab.config_files import find_config, list_configs
 from budget_lab.errors import ConfigError
 from budget_lab.io import read_text, yaml_problem
 
@@ -337,25 +338,17 @@ def _is_date(text: Any) -> bool:
 
 
 def list_clusters() -> list[str]:
-    """The names of the clusters shipped in `clusters/`."""
-    return sorted(p.stem for p in CLUSTERS_DIR.glob("*.yaml"))
+    """The names of the clusters: the user's config folder's `clusters/`, then the project's."""
+    return list_configs("clusters")
 
 
 def cluster_path(name_or_path: str | Path) -> Path:
-    """A cluster name (from clusters/) or a path to a YAML file -> the file."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"cluster file {str(path)!r} does not exist")
-        return path
-    named = CLUSTERS_DIR / f"{name_or_path}.yaml"
-    if not named.is_file():
-        raise ConfigError(
-            f"unknown cluster {str(name_or_path)!r}; valid clusters: "
-            f"{', '.join(list_clusters()) or '(none)'} (in {CLUSTERS_DIR}), or a path to a YAML "
-            "file. To add one, copy a file there and edit it (see clusters/README.md)"
-        )
-    return named
+    """A cluster name (user config folder, then clusters/) or a path to a YAML file -> the file."""
+    return find_config(
+        "clusters",
+        name_or_path,
+        hint="To add one, copy a file there and edit it (see clusters/README.md)",
+    )
 
 
 def load_cluster(name_or_path: str | Path, overrides: Sequence[str] = ()) -> ClusterConfig:

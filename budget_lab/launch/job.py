@@ -26,7 +26,10 @@ from typing import Any
 
 import submitit
 
+from budget_lab.io import read_jsonl
+from budget_lab.launch.activity import ActivityLog
 from budget_lab.launch.notify import notify
+from budget_lab.rundir import CutKind, cut_kind, request_stop_file
 
 __all__ = ["EvalPlan", "TrainJob", "read_jsonl", "segment_rows"]
 
@@ -44,19 +47,6 @@ class EvalPlan:
     # fid_at_budget: cumulative $ at which each phase but the last ends (it may end earlier, at
     # its step count); the last phase runs until stop_at_usd.
     phase_end_usd: list[float] = field(default_factory=list)
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSON-lines file; a torn last line (a crash mid-write) is skipped."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
 
 
 def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
@@ -123,6 +113,8 @@ class TrainJob(submitit.helpers.Checkpointable):
     max_requeues: int = 10
     stop_after_phase: int | None = None
     nice: int = 0
+    cluster: Any = None
+    price_cache_dir: str | None = None
 
     def __init__(
         self,
@@ -134,6 +126,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         max_requeues: int = 10,
         stop_after_phase: int | None = None,
         nice: int = 0,
+        cluster: Any = None,
+        price_cache_dir: str | None = None,
     ):
         self.run_dir = str(run_dir)
         self.config = config  # the resolved RunConfig as a dict (what config.yaml holds)
@@ -143,18 +137,27 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.max_requeues = max_requeues
         self.stop_after_phase = stop_after_phase  # phases as dependent jobs: this job's last phase
         self.nice = nice  # the local executor's CPU niceness for the job (ClusterConfig.nice)
+        # The cluster (ClusterConfig): its price model prices the live spend as the ledger will
+        # (spot: the AWS history, cached in price_cache_dir). None: the flat usd_per_device_hour.
+        self.cluster = cluster
+        self.price_cache_dir = price_cache_dir
         self._trainer = None
         self._thread: threading.Thread | None = None
+        self._outcome: dict[str, Any] = {}
 
     def __getstate__(self) -> dict[str, Any]:  # the running trainer is not part of the pickle
         state = dict(self.__dict__)
-        state.update(_trainer=None, _thread=None)
+        state.update(_trainer=None, _thread=None, _activity=None, _outcome={})
+        state.pop("_prices", None)
         return state
 
     # -- cost so far ----------------------------------------------------------------------------
 
-    def spent_usd(self, now: float | None = None) -> dict[str, float]:
-        """This run's spend by its own clock: every earlier segment plus this one so far.
+    def spent_usd(self, now: float | None = None) -> dict[str, Any]:
+        """This run's spend by its own clock: every earlier segment plus this one so far, priced
+        through the ledger's price model (`budget_lab.ledger.prices.PriceBook`), so that a dollar
+        rung or a cap sees the figure the ledger will settle. `provisional` stays True: the
+        ledger's sync settles it (Slurm accounting, a spot history fetched later).
 
         In the job, the last segment is this one (running); an earlier one without an end row
         was killed hard and counts until its last sign of life, as in the ledger. Outside a job,
@@ -173,21 +176,53 @@ class TrainJob(submitit.helpers.Checkpointable):
                 return segment_alive(seg)
 
         rows = segment_rows(run_dir)
-        # Earlier segments are over: summed once per job (finding a dead one's end reads
-        # metrics.jsonl, which grows with every step), then only this one is timed.
+        # Earlier segments are over: priced once per job (finding a dead one's end reads
+        # metrics.jsonl, which grows with every step), then only this one is priced.
         cached = self.__dict__.get("_spent_before")
         if in_job and cached is not None and cached[0] == len(rows):
-            seconds, rows = cached[1], rows[-1:]
+            seconds, usd, rows = cached[1], cached[2], rows[-1:]
         else:
-            rows, seconds = segment_rows(run_dir, live), 0.0
+            rows, seconds, usd = segment_rows(run_dir, live), 0.0, 0.0
             if in_job and rows:
-                before = sum(max(s["end"] - s["start"], 0.0) * s["devices"] for s in rows[:-1])
-                self._spent_before = (len(rows), before)
+                before = [self._price(s, s["end"], live=False) for s in rows[:-1]]
+                self._spent_before = (
+                    len(rows),
+                    sum(b[0] for b in before),
+                    sum(b[1] for b in before),
+                )
+                rows = rows[-1:]
+                seconds, usd = self._spent_before[1], self._spent_before[2]
+        source = None
         for seg in rows:
             end = seg["end"] if seg["end"] is not None else now
-            seconds += max(end - seg["start"], 0.0) * seg["devices"]
-        hours = seconds / 3600
-        return {"cost_usd": hours * self.usd_per_device_hour, "gpu_hours": hours}
+            gpu_s, cost, source = self._price(seg, end, live=seg["end"] is None, with_source=True)
+            seconds += gpu_s
+            usd += cost
+        return {
+            "cost_usd": usd,
+            "gpu_hours": seconds / 3600,
+            "cost_provisional": True,
+            **({"price_source": source} if source else {}),
+        }
+
+    def _price(
+        self, seg: dict[str, Any], end: float, *, live: bool, with_source: bool = False
+    ) -> Any:
+        """(device-seconds, dollars[, price source]) of one segment row up to `end`."""
+        seconds = max(float(end) - float(seg["start"]), 0.0)
+        devices = max(int(seg.get("devices") or 1), 1)
+        if self.cluster is None:  # a job pickled without its cluster: the flat list price
+            cost = seconds * devices / 3600 * self.usd_per_device_hour
+            out: tuple[Any, ...] = (seconds * devices, cost, "list price")
+        else:
+            from budget_lab.ledger.prices import PriceBook
+
+            book = self.__dict__.get("_prices")
+            if book is None:
+                book = self._prices = PriceBook(cache_dir=self.price_cache_dir)
+            priced = book.price(self.cluster, float(seg["start"]), seconds, devices, live=live)
+            out = (seconds * devices, priced.cost_usd, priced.source)
+        return out if with_source else out[:2]
 
     # -- the job --------------------------------------------------------------------------------
 
@@ -201,6 +236,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         run_dir = Path(self.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         attempt = len(segment_rows(run_dir))
+        started = time.time()
         if rank0:
             _append_jsonl(
                 run_dir / "segments.jsonl",
@@ -212,28 +248,51 @@ class TrainJob(submitit.helpers.Checkpointable):
                     "pid": os.getpid(),
                     "devices": self.devices,
                     "nice": os.nice(0),
-                    "time": time.time(),
+                    "time": started,
                 },
             )
         self._attempt = attempt
+        self._activity = ActivityLog(run_dir, attempt, start=started, enabled=rank0)
         # Imported after the start row: torch's import (seconds) is part of the paid segment.
         from budget_lab.config import run_config_from_dict
         from budget_lab.train.trainer import Trainer
 
         cfg = run_config_from_dict(self.config)
+        plan = self.eval_plan
+        if (
+            cfg.distributed.strategy == "fsdp"
+            and env.num_tasks > 1
+            and plan is not None
+            and (plan.rungs_usd or plan.phase_rung)
+        ):
+            from budget_lab.errors import ConfigError
+
+            if rank0:
+                self._end_segment("failed")
+            raise ConfigError(
+                "distributed.strategy=fsdp cannot measure FID at dollar or phase rungs: rank 0 "
+                "samples alone mid-run, and a sharded model needs every rank. Run sweep trials "
+                "with rungs at distributed.strategy=ddp (or on one GPU); the final FID works with "
+                "either"
+            )
         self._rungs_done = {
             (r["kind"], r.get("rung_usd")) for r in read_jsonl(run_dir / "rungs.jsonl")
         }
+        # Rank 0 alone writes the run folder (metrics with their cost, rungs, segment rows) and
+        # judges the dollars; the other ranks follow its flags (`Trainer._sync_requests`).
         trainer = Trainer(
             cfg,
             run_dir,
             progress=False,
-            cost_fn=self.spent_usd,
+            cost_fn=self.spent_usd if rank0 else None,
             step_callback=self._after_step if (self.eval_plan and rank0) else None,
             stop_after_phase=self.stop_after_phase,
+            activity=self._activity,
         )
         self._trainer = trainer
+        self._rank = env.global_rank
         outcome: dict[str, Any] = {}
+        self._outcome = outcome
 
         def work() -> None:
             try:
@@ -250,20 +309,28 @@ class TrainJob(submitit.helpers.Checkpointable):
                 self._end_segment("failed")
             raise outcome["error"]
         result = outcome["result"]
+        _say_stop(env.global_rank, result)
         if rank0 and self.eval_plan is not None and self.eval_plan.final_eval:
             if result.get("status") == "completed" or (
                 result.get("status") == "cut" and _budget_cut(result)
             ):
-                result["eval"] = self._final_eval()
+                with self._activity.during("eval"):
+                    result["eval"] = self._final_eval()
         if rank0:
             self._end_segment(result.get("status", "completed"))
         return result
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission | None:
-        """Preemption or time limit: checkpoint, stop, and requeue (up to `max_requeues`)."""
+        """Preemption or time limit: checkpoint, stop, and requeue (up to `max_requeues`).
+
+        submitit calls it on rank 0 alone (the other tasks' handlers return): rank 0's stop
+        request reaches every rank through the trainer's flag agreement, so all ranks save and
+        stop at the same step; the others then return, and rank 0 requeues the whole job."""
         if self._trainer is not None and self._thread is not None:
             self._trainer.request_stop()
             self._thread.join()
+            if "result" in self._outcome:
+                _say_stop(self._rank, self._outcome["result"])
             self._end_segment("preempted")
         if len(segment_rows(Path(self.run_dir))) > self.max_requeues:
             print(f"not requeued: this run already ran {self.max_requeues + 1} times", flush=True)
@@ -277,12 +344,17 @@ class TrainJob(submitit.helpers.Checkpointable):
             self.max_requeues,
             self.stop_after_phase,
             self.nice,
+            self.cluster,
+            self.price_cache_dir,
         )
         return submitit.helpers.DelayedSubmission(fresh)
 
     # -- pieces ---------------------------------------------------------------------------------
 
     def _end_segment(self, status: str) -> None:
+        activity = self.__dict__.get("_activity")
+        if activity is not None:
+            activity.close()
         _append_jsonl(
             Path(self.run_dir) / "segments.jsonl",
             {"event": "end", "attempt": self._attempt, "status": status, "time": time.time()},
@@ -307,6 +379,11 @@ class TrainJob(submitit.helpers.Checkpointable):
                 self._measure("phase:" + info["phase"].name, None, info, spent)
                 self._rungs_done.update({key, phase_key})
         idx = info["phase_index"]
+        # How far the phase is through its dollars: its LR schedule ends with them.
+        start = plan.phase_end_usd[idx - 1] if 0 < idx <= len(plan.phase_end_usd) else 0.0
+        end = plan.phase_end_usd[idx] if idx < len(plan.phase_end_usd) else plan.stop_at_usd
+        if end is not None and end > start:
+            self._trainer.budget_progress = (spent - start) / (end - start)
         if (
             idx < len(plan.phase_end_usd)
             and not info["last_phase"]
@@ -314,9 +391,11 @@ class TrainJob(submitit.helpers.Checkpointable):
         ):
             self._trainer.request_phase_end()
         if plan.stop_at_usd is not None and spent >= plan.stop_at_usd:
-            from budget_lab.train.trainer import request_stop_file
-
-            request_stop_file(self.run_dir, f"trial budget ${plan.stop_at_usd:.4f} reached")
+            request_stop_file(
+                self.run_dir,
+                f"trial budget ${plan.stop_at_usd:.4f} reached",
+                kind=CutKind.TRIAL_BUDGET,
+            )
 
     def _measure(self, kind: str, rung: float | None, info: dict[str, Any], spent: float) -> None:
         from budget_lab.config import run_config_from_dict
@@ -324,14 +403,15 @@ class TrainJob(submitit.helpers.Checkpointable):
 
         plan = self.eval_plan
         assert plan is not None
-        scored = score_model(
-            info["model"],
-            run_config_from_dict(self.config),
-            num_samples=plan.fid_samples,
-            sampler_steps=plan.sampler_steps,
-            device=info["device"],
-            progress=False,
-        )
+        with self._activity.during("eval", info["phase"].name):
+            scored = score_model(
+                info["model"],
+                run_config_from_dict(self.config),
+                num_samples=plan.fid_samples,
+                sampler_steps=plan.sampler_steps,
+                device=info["device"],
+                progress=False,
+            )
         row = {
             "kind": kind,
             "rung_usd": rung,
@@ -366,8 +446,13 @@ class TrainJob(submitit.helpers.Checkpointable):
         return result
 
 
+def _say_stop(rank: int, result: dict[str, Any]) -> None:
+    """One line in the task's own log (submitit's <job>_<task>_log.out): where this rank ended."""
+    print(f"rank {rank}: {result.get('status')} at step {result.get('global_step')}", flush=True)
+
+
 def _budget_cut(result: dict[str, Any]) -> bool:
-    return str(result.get("cut_reason", "")).startswith("trial budget")
+    return cut_kind(result) == CutKind.TRIAL_BUDGET
 
 
 def eval_plan_from_dict(d: dict[str, Any] | None) -> EvalPlan | None:

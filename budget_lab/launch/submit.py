@@ -213,7 +213,16 @@ def _job_for(cfg_dict, run_dir, cluster, nodes, gpus, eval_plan, stop_after_phas
         max_requeues=cluster.max_requeues,
         stop_after_phase=stop_after_phase,
         nice=getattr(cluster, "nice", 0),
+        cluster=cluster,
+        price_cache_dir=_price_cache_dir(run_dir),
     )
+
+
+def _price_cache_dir(run_dir: str | os.PathLike[str]) -> str | None:
+    """The workspace's AWS spot price cache for a run folder workspace/runs/<run> (what the
+    ledger's sync uses), so that the job's live spend reads the same history."""
+    path = Path(run_dir).resolve()
+    return str(path.parent.parent / "cache" / "prices") if path.parent.name == "runs" else None
 
 
 def _submit_phase_jobs(executor, cluster, cfg_dict, run_dir, nodes, gpus, eval_plan) -> list:

@@ -9,6 +9,8 @@
 - `PriceBook` (prices.py): fixed, on-demand and AWS spot prices (piecewise over the history).
 - `estimate_run(cfg, cluster, workspace)`, `format_estimate` (estimate.py) on calibrated
   throughput (calibration.py); `check_budget`, `check_figures`, `BudgetGuard` (caps.py).
+- `CapPolicy` (cap_policy.py): a controller's budget-cap decisions (check, stop, kill, admit) on
+  a clock passed in; `cap_sim.py` drives it through randomized simulated sweeps.
 - `format_report` (report.py): `budget-lab cost report` as a table, CSV or JSON.
 """
 
@@ -19,6 +21,7 @@ from budget_lab.ledger.calibration import (
     calibrate_benchmark,
     calibrate_from_run,
 )
+from budget_lab.ledger.cap_policy import CapJob, CapPolicy
 from budget_lab.ledger.caps import (
     BudgetError,
     BudgetGuard,
@@ -29,7 +32,15 @@ from budget_lab.ledger.caps import (
     month_scope,
     month_start,
 )
-from budget_lab.ledger.estimate import Estimate, PhaseEstimate, estimate_run, format_estimate
+from budget_lab.ledger.estimate import (
+    Estimate,
+    PhaseEstimate,
+    estimate_run,
+    estimate_vs_settled,
+    format_estimate,
+    read_estimate,
+    write_estimate,
+)
 from budget_lab.ledger.prices import PriceBook, Priced
 from budget_lab.ledger.rebuild import RebuildReport, rebuild_ledger
 from budget_lab.ledger.report import format_report
@@ -57,6 +68,9 @@ __all__ = [
     "Priced",
     "estimate_run",
     "format_estimate",
+    "write_estimate",
+    "read_estimate",
+    "estimate_vs_settled",
     "Estimate",
     "PhaseEstimate",
     "Calibration",
@@ -69,6 +83,8 @@ __all__ = [
     "BudgetError",
     "BudgetGuard",
     "RunningJob",
+    "CapPolicy",
+    "CapJob",
     "GuardDecision",
     "month_start",
     "month_scope",

@@ -11,6 +11,16 @@ Sources, the most recent measurement winning over the built-in figures:
 - `benchmark`: `calibrate_benchmark` times a few real training steps on this machine's device.
 - `run:<name>`: `calibrate_from_run` reads a finished run's metrics.jsonl images_per_s.
 
+The whole job, not only its training steps (`ActivityEntry`, the "activities" of
+calibration.json): start-up, training wall clock per phase, checkpoint writes, sample grids, FID
+evaluation and the job's own tail, per cluster, device, preset and token routing (training also
+per resolution and mask ratio). `learn_from_run` fills them from a settled run: its ledger
+segments' split by activity (budget_lab.ledger.sync) and its activity.jsonl, so that a sweep's
+second trial is estimated from the first. A run is learned once (calibration.json's "learned"
+names it, with its first segment's start): the sweep controller, `budget-lab cost sync` and
+`launch --wait` may all see it settle, and it is averaged in only the first time. Until a run has measured them, a CPU has built-in
+reference figures; other devices count them as zero (and the estimate says so).
+
     cal = Calibration.load(workspace)
     cal.lookup("MicroDiT-XL/2", resolution=256, mask_ratio=0.75, device="H100").images_per_s
 """
@@ -27,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from budget_lab.errors import ConfigError, DataError
-from budget_lab.io import atomic_write_json
+from budget_lab.io import atomic_write_json, read_jsonl
 
 __all__ = [
     "PAPER",
@@ -40,7 +50,31 @@ __all__ = [
     "calibrate_benchmark",
     "calibrate_from_run",
     "time_training_step",
+    "ActivityEntry",
+    "OVERHEAD_ACTIVITIES",
+    "routing_key",
+    "learn_from_run",
 ]
+
+#: What an ActivityEntry of each activity measures (its `value`).
+OVERHEAD_ACTIVITIES = {
+    "startup": "seconds per segment (job start to the first training step)",
+    "checkpoint": "seconds per checkpoint write",
+    "sample_grid": "seconds per phase sample grid",
+    "eval": "seconds per generated sample x sampler step (FID evaluation)",
+    "other": "seconds per segment (the trainer's end to the segment's end)",
+}
+# A CPU's reference figures until a run measures its own (a 2-vCPU VM; BENCHMARKS.md).
+_CPU_OVERHEAD_REFERENCE = {
+    "startup": 12.0,
+    "checkpoint": 0.3,
+    "sample_grid": 2.0,
+    "other": 1.0,
+}
+# FID evaluation on a CPU: one sampler step is about this many training steps' worth per image
+# (Heun: two evaluations, each conditional + unconditional, forward only), plus a fixed cost.
+_CPU_EVAL_STEP_PER_TRAIN_IMAGE = 1.3
+_CPU_EVAL_FIXED_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -187,27 +221,71 @@ def device_of(cluster: Any) -> str:
     return str(gpu)
 
 
+@dataclass(frozen=True)
+class ActivityEntry:
+    """A measured cost of one activity of a job (see OVERHEAD_ACTIVITIES), or the training wall
+    clock of one phase configuration ("train": images per second per device, everything in the
+    train spans included: data waits, logging)."""
+
+    cluster: str  # cluster name the run ran on
+    device: str  # GPU type, or "cpu"
+    preset: str  # model preset
+    routing: str  # token routing (routing_key), "none" without
+    activity: str  # startup | train | checkpoint | sample_grid | eval | other
+    value: float  # see OVERHEAD_ACTIVITIES; train: images/s per device (wall clock)
+    runs: int = 1  # settled runs averaged into `value`
+    resolution: int | None = None  # train only
+    mask_ratio: float | None = None  # train only
+    source: str = ""  # "run:<name>" of the latest run averaged in
+    measured_at: float | None = None
+
+    def key(self) -> tuple[Any, ...]:
+        ratio = None if self.mask_ratio is None else round(self.mask_ratio, 6)
+        return (
+            self.cluster,
+            _norm_device(self.device),
+            self.preset,
+            self.routing,
+            self.activity,
+            self.resolution,
+            ratio,
+        )
+
+
+def routing_key(model: Any) -> str:
+    """The token routing of a run's `model` config (dict), as a calibration key."""
+    routes = (model or {}).get("routes") if isinstance(model, dict) else None
+    if not routes:
+        return "none"
+    return json.dumps(routes, sort_keys=True, default=str)
+
+
 @dataclass
 class Calibration:
     """The calibration entries of a workspace (plus the built-in paper ones)."""
 
     path: Path | None = None
     entries: list[CalibrationEntry] = field(default_factory=list)
+    activities: list[ActivityEntry] = field(default_factory=list)
+    # The settled runs averaged into `activities` ("<run>@<first segment start>" -> when).
+    learned: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def load(cls, workspace_or_path: Any) -> Calibration:
         path = Path(getattr(workspace_or_path, "calibration_path", workspace_or_path))
-        entries = []
+        entries, activities, learned = [], [], {}
         if path.is_file():
             try:
                 data = json.loads(path.read_text())
                 entries = [CalibrationEntry(**e) for e in data.get("entries", [])]
+                activities = [ActivityEntry(**e) for e in data.get("activities", [])]
+                learned = {str(k): float(v) for k, v in dict(data.get("learned", {})).items()}
             except (ValueError, TypeError) as err:
                 raise DataError(
                     f"{path} is not a valid calibration file ({err}); fix or delete it (it is "
                     "rebuilt by `budget-lab cost calibrate`)"
                 ) from None
-        return cls(path=path, entries=entries)
+        return cls(path=path, entries=entries, activities=activities, learned=learned)
 
     def all_entries(self) -> list[CalibrationEntry]:
         return [*builtin_entries(), *self.entries]
@@ -229,8 +307,76 @@ class Calibration:
     def save(self) -> None:
         if self.path is not None:
             atomic_write_json(
-                self.path, {"version": 1, "entries": [asdict(e) for e in self.entries]}
+                self.path,
+                {
+                    "version": 1,
+                    "entries": [asdict(e) for e in self.entries],
+                    "activities": [asdict(e) for e in self.activities],
+                    "learned": self.learned,
+                },
             )
+
+    def learn(self, *entries: ActivityEntry, keep: int = 3, run: str | None = None) -> None:
+        """Average measurements into the activity entries (one save). The newest run weighs as
+        much as up to `keep` earlier ones together, so the figure follows a drifting machine.
+        `run`: the run's key (`learned`), recorded so that it is never averaged in twice."""
+        if run is not None:
+            self.learned[run] = time.time()
+        by_key = {e.key(): e for e in self.activities}
+        for new in entries:
+            old = by_key.get(new.key())
+            if old is not None:
+                weight = min(old.runs, keep)
+                value = (old.value * weight + new.value) / (weight + 1)
+                new = ActivityEntry(**{**asdict(new), "value": value, "runs": old.runs + 1})
+            by_key[new.key()] = new
+        self.activities = list(by_key.values())
+        self.save()
+
+    def activity(
+        self,
+        activity: str,
+        *,
+        cluster: str,
+        device: str,
+        preset: str,
+        routing: str,
+        resolution: int | None = None,
+        mask_ratio: float | None = None,
+    ) -> ActivityEntry | None:
+        """The measured figure for this key: this cluster's, else the same device's on another
+        cluster (the newest), else None."""
+        want = (_norm_device(device), preset, routing, activity, resolution)
+        ratio = None if mask_ratio is None else round(mask_ratio, 6)
+        found = [e for e in self.activities if e.key()[1:6] == want and e.key()[6] == ratio]
+        if not found:
+            return None
+        return max(found, key=lambda e: (e.cluster == cluster, e.measured_at or 0.0))
+
+    def overhead_seconds(
+        self,
+        activity: str,
+        *,
+        cluster: str,
+        device: str,
+        preset: str,
+        routing: str,
+        train_images_per_s: float,
+    ) -> tuple[float, str]:
+        """(seconds per unit, source) of an overhead activity: measured, else a CPU's reference
+        figure, else (0, "not calibrated"). Eval: seconds per sample x sampler step, with its
+        fixed part spread over a 100-sample, 16-step FID in the CPU reference."""
+        entry = self.activity(
+            activity, cluster=cluster, device=device, preset=preset, routing=routing
+        )
+        if entry is not None:
+            return entry.value, entry.source
+        if _norm_device(device) != "cpu":
+            return 0.0, "not calibrated"
+        if activity == "eval":
+            per = _CPU_EVAL_STEP_PER_TRAIN_IMAGE / max(train_images_per_s, 1e-9)
+            return per + _CPU_EVAL_FIXED_S / (100 * 16), "reference"
+        return _CPU_OVERHEAD_REFERENCE.get(activity, 0.0), "reference"
 
     def lookup(
         self, preset: str, *, resolution: int | None, mask_ratio: float, device: str
@@ -430,3 +576,125 @@ def calibrate_from_run(
         out.append(entry)
     cal.record(*out)
     return out
+
+
+# -- learning from the ledger -------------------------------------------------------------------
+
+
+def learn_from_run(
+    workspace: Any,
+    run_dir: str | os.PathLike[str],
+    cluster: Any,
+    ledger: Any,
+) -> list[ActivityEntry]:
+    """Update the workspace's activity calibration from one settled run: the seconds its ledger
+    segments spent in each activity (their split, budget_lab.ledger.sync) over how many times
+    that activity happened (activity.jsonl), and the training wall clock of each phase (train
+    seconds over the images trained, metrics.jsonl). Returns the new measurements (none for a
+    run that never reached a training step, or one learned before: call it once the run is
+    settled; calling it again is a no-op that reads only the ledger and calibration.json)."""
+    from budget_lab.io import yaml_load
+
+    run = Path(run_dir)
+    config_path = run / "config.yaml"
+    if not config_path.is_file():
+        return []
+    segments = ledger.segments(run=run.name, with_parts=True)
+    if not segments or not any(s.parts for s in segments):
+        return []
+    # The run's key: a later run of the same name (a new folder) starts at another time.
+    run_key = f"{run.name}@{min(s.start for s in segments):.3f}"
+    calibration = Calibration.load(workspace)
+    if run_key in calibration.learned:
+        return []
+    cfg = yaml_load(config_path.read_text())
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    if not isinstance(model, dict) or not model.get("preset"):
+        return []  # not a run config budget-lab wrote: nothing to learn from
+    preset = str(model["preset"])
+    routing = routing_key(model)
+    device = device_of(cluster)
+    seconds: dict[tuple[str, str | None], float] = {}
+    gpus = max(max(s.gpus for s in segments), 1)
+    for seg in segments:
+        for part in seg.parts:
+            key = (part.activity, part.phase)
+            seconds[key] = seconds.get(key, 0.0) + part.seconds
+    rows = read_jsonl(run / "activity.jsonl")
+    count: dict[str, int] = {}
+    for r in rows:
+        count[str(r.get("activity"))] = count.get(str(r.get("activity")), 0) + 1
+    eval_units = _eval_units(run)
+    now = time.time()
+    base = dict(cluster=str(cluster.name), device=device, preset=preset, routing=routing)
+    out: list[ActivityEntry] = []
+    source = f"run:{run.name}"
+
+    def total(activity: str) -> float:
+        return sum(v for (a, _), v in seconds.items() if a == activity)
+
+    per_segment = {"startup": len(segments), "other": len(segments)}
+    for activity in ("startup", "checkpoint", "sample_grid", "other"):
+        n = per_segment.get(activity, count.get(activity, 0))
+        if n and total(activity) > 0:
+            out.append(
+                ActivityEntry(
+                    **base,
+                    activity=activity,
+                    value=total(activity) / n,
+                    source=source,
+                    measured_at=now,
+                )
+            )
+    if eval_units and total("eval") > 0:
+        out.append(
+            ActivityEntry(
+                **base,
+                activity="eval",
+                value=total("eval") / eval_units,
+                source=source,
+                measured_at=now,
+            )
+        )
+    # Training wall clock per phase: images trained over train seconds x devices.
+    phases = {p["name"]: p for p in cfg.get("phases", [])}
+    steps: dict[str, int] = {}
+    for r in read_jsonl(run / "metrics.jsonl"):
+        name = r.get("phase")
+        if name in phases and isinstance(r.get("phase_step"), int):
+            steps[name] = max(steps.get(name, 0), r["phase_step"])
+    for name, done in steps.items():
+        train_s = seconds.get(("train", name), 0.0)
+        if done <= 0 or train_s <= 0:
+            continue
+        phase = phases[name]
+        images = done * int(phase.get("batch_size") or 1)
+        out.append(
+            ActivityEntry(
+                **base,
+                activity="train",
+                value=images / (train_s * gpus),
+                resolution=int(phase.get("resolution") or native_resolution(preset)),
+                mask_ratio=float(phase.get("mask_ratio", 0.0)),
+                source=source,
+                measured_at=now,
+            )
+        )
+    calibration.learn(*out, run=run_key)
+    return out
+
+
+def _eval_units(run: Path) -> int:
+    """Generated samples x sampler steps of every FID the run measured (rungs and final)."""
+    final = {}
+    with_final = run / "eval.json"
+    if with_final.is_file():
+        try:
+            final = json.loads(with_final.read_text())
+        except ValueError:
+            final = {}
+    steps = int(final.get("sampler_steps") or 0)
+    units = int(final.get("num_samples") or 0) * steps
+    for r in read_jsonl(run / "rungs.jsonl"):
+        units += int(r.get("num_samples") or 0) * int(r.get("sampler_steps") or steps)
+    return units

@@ -13,7 +13,7 @@ clock) which runs to stop and which thresholds were newly crossed:
 
     guard = BudgetGuard(100.0, check_interval_s=60, crossed=ledger.crossed_thresholds(scope))
     decision = guard.check(spent_usd=ledger.spent(sweep="s"), running=[RunningJob(...), ...])
-    for run in decision.stop: request_stop_file(run_dir(run), "budget cap")   # ends "cut"
+    for run in decision.stop: request_stop_file(run_dir(run), "budget cap", kind=BUDGET_CAP)
     for t in decision.crossed: if ledger.record_threshold(scope, t, ...): tell the user
 
 A job left running until the next check, then told to stop, spends up to

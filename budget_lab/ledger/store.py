@@ -4,6 +4,13 @@
     ledger.upsert_segments(segments)          # keyed: a second sync updates, never duplicates
     ledger.spent(sweep="mask_ratio")          # dollars, useful + wasted
     ledger.report("phase", run="nano-001")    # GROUP BY in SQL: one ReportRow per phase
+    ledger.report("activity", sweep="s")      # startup, train, checkpoint, eval, idle ...
+
+A segment's dollars are split over what the job did in it (`SegmentPart`s in the
+`segment_parts` table: activity x phase, from the run's activity.jsonl; budget_lab.ledger.sync):
+reports by phase and by activity sum the parts, so a run that trains every phase in one job shows
+every phase. The parts always sum to the segment's cost; a segment without parts (an old ledger,
+a bulk import) counts whole under its own phase and the activity "other".
 
 SQLite runs in WAL mode with a busy timeout, and every write transaction starts with
 `BEGIN IMMEDIATE`, so several processes (a controller, `cost sync`, a sweep) can write at once
@@ -24,7 +31,7 @@ import math
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -39,6 +46,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "REPORT_GROUPS",
     "Segment",
+    "SegmentPart",
     "ReportRow",
     "UpsertCounts",
     "Ledger",
@@ -47,7 +55,7 @@ __all__ = [
 ]
 
 #: The schema this code writes. Bump it with a migration in `_MIGRATIONS` when a column changes.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: What `Ledger.report(by=...)` can group by, and the columns each groups on.
 REPORT_GROUPS: dict[str, tuple[str, ...]] = {
@@ -57,7 +65,10 @@ REPORT_GROUPS: dict[str, tuple[str, ...]] = {
     "day": ("day",),
     "trial": ("sweep", "trial"),
     "sweep": ("sweep",),
+    "activity": ("activity",),
 }
+# Groups read from the segments' parts (the split by activity and phase) rather than whole rows.
+_PART_GROUPS = ("phase", "activity")
 
 # An arbitrary constant: the PostgreSQL advisory lock that serializes schema creation.
 _PG_SCHEMA_LOCK = 4_204_201_901
@@ -83,6 +94,18 @@ class LedgerCorruptError(UserError):
 
 # SQLite's primary result codes for a damaged file (extended codes carry them in the low byte).
 _SQLITE_CORRUPT, _SQLITE_NOTADB, _SQLITE_CANTOPEN = 11, 26, 14
+
+
+@dataclass
+class SegmentPart:
+    """The part of a segment spent on one activity in one phase (see budget_lab.launch.activity).
+    A segment's parts sum to its cost and wasted dollars exactly."""
+
+    activity: str  # startup | train | checkpoint | eval | sample_grid | idle | other
+    phase: str | None  # the recipe phase it belongs to (None: not known)
+    seconds: float  # wall-clock seconds of the segment in this part
+    cost_usd: float  # its share of the segment's cost
+    wasted_usd: float = 0.0  # its share of the segment's wasted dollars
 
 
 @dataclass
@@ -113,6 +136,8 @@ class Segment:
     sweep: str | None = None  # sweep name, for sweep trials
     trial: int | None = None  # Optuna trial number, for sweep trials
     launch_id: str | None = None  # the launch that submitted the job
+    # The split of cost_usd by activity and phase (empty: not split; reports count it whole).
+    parts: list[SegmentPart] = field(default_factory=list, compare=False, repr=False)
 
     @property
     def gpu_hours(self) -> float:
@@ -202,6 +227,20 @@ _segments = sa.Table(
     sa.Index("ix_segments_start", "start"),
 )
 
+# Each segment's dollars split by activity and phase (SegmentPart); replaced with the segment.
+_parts = sa.Table(
+    "segment_parts",
+    _metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("segment_key", sa.String(255), nullable=False),
+    sa.Column("activity", sa.String(32), nullable=False),
+    sa.Column("phase", sa.String(128)),
+    sa.Column("seconds", sa.Float, nullable=False),
+    sa.Column("cost_usd", sa.Float, nullable=False),
+    sa.Column("wasted_usd", sa.Float, nullable=False),
+    sa.Index("ix_segment_parts_key", "segment_key"),
+)
+
 # Budget thresholds already reported, so that a restarted controller does not report them again.
 _alerts = sa.Table(
     "alerts",
@@ -215,9 +254,17 @@ _alerts = sa.Table(
     sa.Column("budget_usd", sa.Float, nullable=False),
 )
 
-_SEGMENT_FIELDS = [f.name for f in fields(Segment)]
-# Migrations from version N to N + 1, run inside the schema transaction. None yet.
-_MIGRATIONS: dict[int, Any] = {}
+_SEGMENT_FIELDS = [f.name for f in fields(Segment) if f.name != "parts"]
+_PART_FIELDS = [f.name for f in fields(SegmentPart)]
+
+
+def _no_change(conn: Connection) -> None:
+    """A migration whose new table create_all adds (its rows come with the next sync)."""
+
+
+# Migrations from version N to N + 1, run inside the schema transaction.
+# 1 -> 2: the segment_parts table (a v1 ledger's segments count whole until synced again).
+_MIGRATIONS: dict[int, Any] = {1: _no_change}
 
 
 # -- the ledger ----------------------------------------------------------------------------------
@@ -363,8 +410,10 @@ class Ledger:
     def upsert_segments(self, segments: Iterable[Segment]) -> UpsertCounts:
         """Insert new segments and update changed ones (by key), in one transaction."""
         rows: dict[str, dict[str, Any]] = {}
+        parts: dict[str, list[SegmentPart]] = {}
         for seg in segments:
             rows[seg.key] = _row(seg)  # the last one wins if a key repeats
+            parts[seg.key] = list(seg.parts)
         counts = UpsertCounts()
         if not rows:
             return counts
@@ -376,20 +425,50 @@ class Ledger:
                 found_rows = conn.execute(select_by_keys, {"keys": keys[i : i + _CHUNK]})
                 for found in found_rows.mappings():
                     existing[found["key"]] = dict(found)
-            todo = []
+            old_parts = self._read_parts(conn, keys)
+            todo, new_parts = [], []
             for key, row in rows.items():
                 old = existing.get(key)
+                parts_same = _same_parts(old_parts.get(key, []), parts[key])
                 if old is None:
                     counts.inserted += 1
-                elif _same_row(old, row):
+                elif _same_row(old, row) and parts_same:
                     counts.unchanged += 1
                     continue
                 else:
                     counts.updated += 1
                 todo.append(row)
+                if not parts_same:
+                    new_parts.append(key)
             for i in range(0, len(todo), _CHUNK):
                 conn.execute(upsert, todo[i : i + _CHUNK])
+            for i in range(0, len(new_parts), _CHUNK):
+                chunk = new_parts[i : i + _CHUNK]
+                conn.execute(_parts.delete().where(_parts.c.segment_key.in_(chunk)))
+                part_rows = [
+                    {"segment_key": key, **{n: getattr(p, n) for n in _PART_FIELDS}}
+                    for key in chunk
+                    for p in parts[key]
+                ]
+                if part_rows:
+                    conn.execute(_parts.insert(), part_rows)
         return counts
+
+    @staticmethod
+    def _read_parts(conn: Connection, keys: Sequence[str]) -> dict[str, list[SegmentPart]]:
+        out: dict[str, list[SegmentPart]] = {}
+        columns = [_parts.c.segment_key, *(_parts.c[n] for n in _PART_FIELDS)]
+        for i in range(0, len(keys), _CHUNK):
+            query = (
+                sa.select(*columns)
+                .where(_parts.c.segment_key.in_(keys[i : i + _CHUNK]))
+                .order_by(_parts.c.id)
+            )
+            for r in conn.execute(query).mappings():
+                out.setdefault(r["segment_key"], []).append(
+                    SegmentPart(**{n: r[n] for n in _PART_FIELDS})
+                )
+        return out
 
     def _upsert_statements(self) -> tuple[Any, Any]:
         """upsert_segments' two statements, built once per ledger (a sweep controller upserts
@@ -416,16 +495,22 @@ class Ledger:
         cluster: str | None = None,
         job_id: str | None = None,
         since: float | None = None,
+        with_parts: bool = False,
     ) -> list[Segment]:
         """Segments (ordered by start) that match every filter given; `since` keeps segments that
-        ended after it."""
+        ended after it. `with_parts`: fill each segment's split by activity and phase."""
         query = sa.select(*(_segments.c[c] for c in _SEGMENT_FIELDS))
         query = query.where(*self._filters(run, sweep, cluster, since))
         if job_id is not None:
             query = query.where(_segments.c.job_id == job_id)
         with self._read() as conn:
             result = conn.execute(query.order_by(_segments.c.start, _segments.c.key)).mappings()
-            return [Segment(**dict(r)) for r in result]
+            out = [Segment(**dict(r)) for r in result]
+            if with_parts and out:
+                found = self._read_parts(conn, [s.key for s in out])
+                for seg in out:
+                    seg.parts = found.get(seg.key, [])
+            return out
 
     def segment_keys(self, *, run: str | None = None) -> dict[str, Segment]:
         """The stored segments of a run (or all), by key: what a sync compares against."""
@@ -503,24 +588,43 @@ class Ledger:
         cluster: str | None = None,
         since: float | None = None,
     ) -> list[ReportRow]:
-        """Cost grouped `by` run | phase | cluster | day | trial | sweep, computed with GROUP BY in
-        the database (fast on 100,000s of segments). Ordered by group."""
+        """Cost grouped `by` run | phase | cluster | day | trial | sweep | activity, computed with
+        GROUP BY in the database (fast on 100,000s of segments). Ordered by group. By phase and by
+        activity, each segment's dollars are split over its parts (a segment without parts counts
+        whole, under its own phase and activity "other"); `segments` counts the segments that
+        have a part in the group."""
         if by not in REPORT_GROUPS:
             raise ConfigError(
                 f"cannot group a cost report by {by!r}; valid: {', '.join(REPORT_GROUPS)}"
             )
         c = _segments.c
-        keys = [c[name] for name in REPORT_GROUPS[by]]
         share = self._share
         filters = self._filters(run, sweep, cluster, since)
+        source: Any = _segments
+        gpu_seconds, cost, wasted = c.gpu_seconds, c.cost_usd, c.wasted_usd
+        count: Any = sa.func.count()
+        if by in _PART_GROUPS:
+            p = _parts.c
+            source = _segments.outerjoin(_parts, p.segment_key == c.key)
+            keys = [
+                sa.func.coalesce(p.phase, c.phase).label("phase")
+                if by == "phase"
+                else sa.func.coalesce(p.activity, sa.literal("other")).label("activity")
+            ]
+            gpu_seconds = sa.func.coalesce(p.seconds * c.gpus, c.gpu_seconds)
+            cost = sa.func.coalesce(p.cost_usd, c.cost_usd)
+            wasted = sa.func.coalesce(p.wasted_usd, c.wasted_usd)
+            count = sa.func.count(sa.distinct(c.key))
+        else:
+            keys = [c[name] for name in REPORT_GROUPS[by]]
         totals = (
             sa.select(
                 *keys,
-                sa.func.count().label("segments"),
-                sa.func.sum(share(c.gpu_seconds, since)).label("gpu_seconds"),
-                sa.func.sum(share(c.cost_usd, since)).label("cost"),
-                sa.func.sum(share(c.wasted_usd, since)).label("wasted"),
-                sa.func.sum(sa.case((c.price_estimate, share(c.cost_usd, since)), else_=0.0)).label(
+                count.label("segments"),
+                sa.func.sum(share(gpu_seconds, since)).label("gpu_seconds"),
+                sa.func.sum(share(cost, since)).label("cost"),
+                sa.func.sum(share(wasted, since)).label("wasted"),
+                sa.func.sum(sa.case((c.price_estimate, share(cost, since)), else_=0.0)).label(
                     "estimated"
                 ),
                 sa.func.min(c.start).label("first_start"),
@@ -530,6 +634,7 @@ class Ledger:
                 sa.func.min(c.price_source).label("source_a"),
                 sa.func.max(c.price_source).label("source_b"),
             )
+            .select_from(source)
             .where(*filters)
             .group_by(*keys)
         )
@@ -537,7 +642,7 @@ class Ledger:
             grouped = conn.execute(totals).all()
             by_group: dict[tuple[Any, ...], list[str]] = {}
             if any(row._mapping["n_sources"] > 2 for row in grouped):
-                sources = sa.select(*keys, c.price_source).where(*filters)
+                sources = sa.select(*keys, c.price_source).select_from(source).where(*filters)
                 for row in conn.execute(sources.group_by(*keys, c.price_source)).all():
                     by_group.setdefault(tuple(row[: len(keys)]), []).append(row[-1])
         out = []
@@ -613,6 +718,22 @@ def _row(seg: Segment) -> dict[str, Any]:
     row = {name: getattr(seg, name) for name in _SEGMENT_FIELDS}
     row["day"] = seg.day
     return row
+
+
+def _same_parts(old: list[SegmentPart], new: list[SegmentPart]) -> bool:
+    if len(old) != len(new):
+        return False
+    for a, b in zip(old, new, strict=True):
+        if (a.activity, a.phase) != (b.activity, b.phase):
+            return False
+        for x, y in (
+            (a.seconds, b.seconds),
+            (a.cost_usd, b.cost_usd),
+            (a.wasted_usd, b.wasted_usd),
+        ):
+            if not math.isclose(x, y, rel_tol=1e-12, abs_tol=1e-9):
+                return False
+    return True
 
 
 def _same_row(old: dict[str, Any], new: dict[str, Any]) -> bool:

@@ -22,6 +22,16 @@ Wasted dollars (part of the cost, reported apart from useful spend):
 - every segment of a run "cut" by a cap is wasted (a sweep trial stopped at its own planned trial
   budget is not: that stop is the trial's result).
 
+Where the dollars went (`Segment.parts`): each segment's cost is split over the run's own clock,
+`activity.jsonl` (budget_lab.launch.activity: startup, train per phase, checkpoint, eval,
+sample_grid, idle), priced over time as the segment is (a spot price change between two spans is
+honoured). Time no span covers is start-up before the first span, "other" after the trainer's
+end, and, in a segment that ended without finishing or still runs, training in the last phase
+seen. Time after a STOP request (the STOP file's time) is idle. Wasted dollars are split the same
+way, so a preemption's lost work lands in the phase (and activity) that lost it. A segment without
+any span (a run from before activity.jsonl) is training in its phase if it logged metrics, else
+start-up. The parts always sum to the segment's cost and wasted dollars.
+
 Every segment is keyed, so syncing again updates rows (a running segment grows, a fallback price
 is replaced by the real one) and never duplicates them; a controller that crashes just syncs
 again. A real price already in the ledger is never replaced by a catalog estimate.
@@ -30,6 +40,7 @@ again. A real price already in the ledger is never replaced by a catalog estimat
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections import Counter
@@ -39,11 +50,15 @@ from pathlib import Path
 from typing import Any
 
 from budget_lab.errors import ConfigError, UserError
+from budget_lab.io import read_jsonl
+from budget_lab.launch.activity import ACTIVITY_FILE
 from budget_lab.launch.job import segment_rows
 from budget_lab.launch.status import segment_alive
+from budget_lab.ledger.calibration import learn_from_run
 from budget_lab.ledger.prices import ClusterLike, PriceBook, Priced, PricePiece
 from budget_lab.ledger.sacct import SacctRecord, poll_sacct, sacct_records
-from budget_lab.ledger.store import Ledger, LedgerCorruptError, Segment
+from budget_lab.ledger.store import Ledger, LedgerCorruptError, Segment, SegmentPart
+from budget_lab.rundir import PLANNED_CUTS, cut_kind, read_stop
 
 __all__ = ["sync_run", "sync_workspace", "SyncReport", "read_launch", "TERMINAL_RUN_STATUSES"]
 
@@ -65,10 +80,6 @@ _LOSSY_STATES = frozenset(
         "INTERRUPTED",
     }
 )
-# A cut that is a sweep trial's planned stop at its own budget (see budget_lab.launch.job).
-# Cuts that are part of the plan, not waste: fid_at_budget's stop at the trial budget, and a
-# pruned sweep trial (its spend bought the answer "this configuration lags"). A cap's cut wastes.
-_PLANNED_CUT_PREFIX = ("trial budget", "pruned")
 
 
 @dataclass
@@ -100,6 +111,7 @@ class SyncReport:
     unchanged: int = 0
     errors: dict[str, str] = field(default_factory=dict)  # run -> error message
     warnings: list[str] = field(default_factory=list)
+    learned: list[str] = field(default_factory=list)  # settled runs the calibration learned from
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -110,21 +122,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except ValueError:
         return None
     return data if isinstance(data, dict) else None
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSON-lines file; a torn last line (a crash mid-write) is skipped."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
 
 
 def read_launch(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -245,13 +242,14 @@ def _waste(
     span: _Span,
     priced: Priced,
     run_status: str | None,
-    cut_reason: str | None,
+    result: dict[str, Any],
     checkpoint_times: list[float],
 ) -> tuple[float, str | None]:
     if run_status == "failed":
         return priced.cost_usd, "run failed"
-    if run_status == "cut" and not str(cut_reason or "").startswith(_PLANNED_CUT_PREFIX):
-        return priced.cost_usd, f"run cut ({cut_reason or 'budget cap'})"
+    # A planned cut (a trial's stop at its own budget, a pruned trial) is not waste; others are.
+    if run_status == "cut" and cut_kind(result) not in PLANNED_CUTS:
+        return priced.cost_usd, f"run cut ({result.get('cut_reason') or 'budget cap'})"
     if span.state not in _LOSSY_STATES:
         return 0.0, None
     saved = [t for t in checkpoint_times if span.start <= t <= span.end]
@@ -259,6 +257,105 @@ def _waste(
     lost = priced.cost_between(since, span.end)
     what = "last checkpoint" if saved else "segment start (no checkpoint in it)"
     return lost, f"{span.state.lower()}: {(span.end - since) / 60:.1f} min since {what}"
+
+
+def _lost_since(span: _Span, checkpoint_times: list[float]) -> float:
+    """When the work a lossy segment threw away began: its last checkpoint, else its start."""
+    return max((t for t in checkpoint_times if span.start <= t <= span.end), default=span.start)
+
+
+def _timeline(
+    span: _Span,
+    activity: list[dict[str, Any]],
+    phase: str | None,
+    has_metrics: bool,
+    stop_time: float | None,
+) -> list[tuple[float, float, str, str | None]]:
+    """[(t0, t1, activity, phase)] covering the span, from the activity rows inside it."""
+    rows = sorted(
+        (
+            (max(float(r["start"]), span.start), min(float(r["end"]), span.end), r)
+            for r in activity
+            if float(r["end"]) > span.start and float(r["start"]) < span.end
+        ),
+        key=lambda x: x[0],
+    )
+    out: list[tuple[float, float, str, str | None]] = []
+    cursor, last_phase = span.start, phase
+    for t0, t1, row in rows:
+        row_phase = row.get("phase") if row.get("phase") is not None else last_phase
+        if t0 > cursor:  # before the first span: start-up; between two: the job's own time
+            out.append((cursor, t0, "startup" if not out else "other", row_phase))
+        if t1 > max(t0, cursor):
+            out.append((max(t0, cursor), t1, str(row["activity"]), row_phase))
+            cursor = t1
+        last_phase = row_phase
+    if cursor < span.end:
+        if not out:
+            what = "train" if has_metrics else "startup"
+        elif span.state == "RUNNING" or span.state in _LOSSY_STATES:
+            what = "train"  # the open span a kill or the clock cut short: most likely training
+        else:
+            what = "other"
+        out.append((cursor, span.end, what, last_phase))
+    if stop_time is not None and span.start < stop_time < span.end:
+        cut = []
+        for t0, t1, what, ph in out:
+            if t1 <= stop_time or what == "eval":  # a final FID after a planned stop is paid for
+                cut.append((t0, t1, what, ph))
+            elif t0 >= stop_time:
+                cut.append((t0, t1, "idle", ph))
+            else:
+                cut += [(t0, stop_time, what, ph), (stop_time, t1, "idle", ph)]
+        out = cut
+    return out
+
+
+def _split(
+    span: _Span,
+    priced: Priced,
+    wasted: float,
+    wasted_from: float | None,
+    timeline: list[tuple[float, float, str, str | None]],
+) -> list[SegmentPart]:
+    """The segment's cost and wasted dollars over its timeline, one part per (activity, phase).
+    `wasted_from`: the wasted dollars are the time after it (None: spread over the whole
+    segment in proportion to cost). The sums are exactly the segment's."""
+    acc: dict[tuple[str, str | None], list[float]] = {}
+    for t0, t1, what, ph in timeline:
+        cost = priced.cost_between(t0, t1)
+        lost = 0.0
+        if wasted_from is not None:
+            lost = priced.cost_between(max(t0, wasted_from), t1) if t1 > wasted_from else 0.0
+        entry = acc.setdefault((what, ph), [0.0, 0.0, 0.0])
+        entry[0] += t1 - t0
+        entry[1] += cost
+        entry[2] += lost
+    if not acc:
+        return []
+    total_cost = sum(e[1] for e in acc.values())
+    total_lost = sum(e[2] for e in acc.values())
+    parts = []
+    for (what, ph), (seconds, cost, lost) in acc.items():
+        share = cost / total_cost if total_cost > 0 else seconds / max(span.seconds, 1e-9)
+        cost_usd = share * priced.cost_usd
+        if wasted_from is None:
+            wasted_usd = share * wasted
+        else:
+            wasted_usd = (lost / total_lost * wasted) if total_lost > 0 else 0.0
+        parts.append(SegmentPart(what, ph, seconds, cost_usd, min(wasted_usd, cost_usd)))
+    # Rounding: the largest part takes what is left, so the sums are the segment's, exactly.
+    big = max(range(len(parts)), key=lambda i: parts[i].cost_usd)
+    rest = sum(p.cost_usd for i, p in enumerate(parts) if i != big)
+    parts[big].cost_usd = priced.cost_usd - rest
+    rest_w = sum(p.wasted_usd for i, p in enumerate(parts) if i != big)
+    parts[big].wasted_usd = min(max(wasted - rest_w, 0.0), parts[big].cost_usd)
+    return parts
+
+
+def _stop_time(run_path: Path) -> float | None:
+    stop = read_stop(run_path)
+    return stop.time if stop is not None else None
 
 
 def _reuse_price(priced: Priced, old: Segment | None, span: _Span) -> Priced:
@@ -316,9 +413,13 @@ def sync_run(
     executor = str(launch.get("executor") or getattr(cluster, "executor", "local"))
     result = _read_json(run_path / "result.json") or {}
     status = result.get("status")
-    metrics = _read_jsonl(run_path / "metrics.jsonl")
-    checkpoints = _read_jsonl(run_path / "checkpoints.jsonl")
+    metrics = read_jsonl(run_path / "metrics.jsonl")
+    checkpoints = read_jsonl(run_path / "checkpoints.jsonl")
     checkpoint_times = sorted(float(c["time"]) for c in checkpoints if "time" in c)
+    activity = [
+        r for r in read_jsonl(run_path / ACTIVITY_FILE) if {"activity", "start", "end"} <= r.keys()
+    ]
+    stop_time = _stop_time(run_path) if status == "cut" else None
 
     if executor == "slurm":
         job_ids = [str(j) for j in launch.get("job_ids") or []]
@@ -343,7 +444,14 @@ def sync_run(
         live = span.state == "RUNNING"
         priced = prices.price(cluster, span.start, span.seconds, span.gpus, live=live)
         priced = _reuse_price(priced, existing.get(span.key), span)
-        wasted, reason = _waste(span, priced, status, result.get("cut_reason"), checkpoint_times)
+        wasted, reason = _waste(span, priced, status, result, checkpoint_times)
+        wasted = min(wasted, priced.cost_usd)
+        phase = _phase(span, metrics, checkpoints)
+        has_metrics = any(span.start <= float(r.get("time", -1)) <= span.end for r in metrics)
+        timeline = _timeline(span, activity, phase, has_metrics, stop_time)
+        lossy_only = wasted > 0 and span.state in _LOSSY_STATES and status != "failed"
+        lossy_only = lossy_only and not (reason or "").startswith("run cut")
+        wasted_from = _lost_since(span, checkpoint_times) if lossy_only else None
         segments.append(
             Segment(
                 key=span.key,
@@ -358,7 +466,7 @@ def sync_run(
                 price_source=priced.source,
                 price_time=priced.price_time,
                 price_estimate=priced.estimate,
-                wasted_usd=min(wasted, priced.cost_usd),
+                wasted_usd=wasted,
                 waste_reason=reason,
                 state=span.state,
                 partition=span.partition
@@ -367,10 +475,11 @@ def sync_run(
                 gpu_type=getattr(cluster, "gpu_type", None),
                 nodes=span.nodes,
                 run=run,
-                phase=_phase(span, metrics, checkpoints),
+                phase=phase,
                 sweep=launch.get("sweep"),
                 trial=int(trial) if trial is not None else None,
                 launch_id=launch.get("launch_id"),
+                parts=_split(span, priced, wasted, wasted_from, timeline),
             )
         )
     ledger.upsert_segments(segments)
@@ -392,9 +501,12 @@ def sync_workspace(
     prices: PriceBook | None = None,
     sacct_wait_s: float = 30.0,
     sacct_query: Callable[[Sequence[str]], list[SacctRecord]] = sacct_records,
+    learn: bool = True,
 ) -> SyncReport:
     """Sync every launched run folder of a workspace (or only `runs`). One run's error (printed
-    in the report) does not stop the others."""
+    in the report) does not stop the others. `learn`: a run found settled (ended, every segment
+    accounted) updates the workspace's calibration (`learn_from_run`, once per run), so that
+    the next estimate of a plain launch learns from it as a sweep's next trial does."""
     clusters = clusters or _load_cluster
     prices = prices or PriceBook(cache_dir=workspace.prices_cache_dir)
     report = SyncReport()
@@ -424,6 +536,14 @@ def sync_workspace(
             report.errors[folder.name] = str(err)
             continue
         report.runs += 1
+        if learn and _settled(folder, segments):
+            try:
+                if learn_from_run(workspace, folder, known[name], ledger):
+                    report.learned.append(folder.name)
+            except UserError as err:  # a damaged calibration.json: the sync itself stands
+                message = f"calibration not updated from run {folder.name}: {err}"
+                report.warnings.append(message)
+                logging.getLogger(__name__).warning(message)
         for seg in segments:
             old = before.get(seg.key)
             if old is None:
@@ -432,5 +552,15 @@ def sync_workspace(
                 report.unchanged += 1
             else:
                 report.updated += 1
-    report.warnings = list(prices.warnings)
+    report.warnings = [*prices.warnings, *report.warnings]
     return report
+
+
+def _settled(run_dir: Path, segments: list[Segment]) -> bool:
+    """Whether a synced run is over and accounted: a final result.json and no running segment."""
+    result = _read_json(run_dir / "result.json") or {}
+    return (
+        bool(segments)
+        and result.get("status") in TERMINAL_RUN_STATUSES
+        and not any(s.state == "RUNNING" for s in segments)
+    )

@@ -12,6 +12,12 @@ Every score is a measurement: a trial's FID comes with its 95 % interval ``[fid_
 at ``fid_n`` generated images, KID with its spread, alignment with its interval (all None for a
 trial of an older study, which is then treated as exact at its FID).
 
+Where the money went: ``parts`` is the ledger's split of every segment over what the job did in it
+(`budget_lab.ledger.sync`: start-up, training per phase, checkpoint writes, evaluation, sample
+grids, idle, other); the parts sum to the segments' total. `split_by` and `cost_matrix` read it
+(dollars per phase, per activity, phase x activity). A trial's ``estimate_usd`` is what was
+expected before it was launched, ``estimate_error`` = settled / estimate - 1.
+
 The helpers below aggregate spend (by phase, cluster, trial, over time), find the noise-aware
 Pareto front of FID vs $ (`budget_lab.sweep.decide.robust_front`: a trial leaves the front only
 for a difference beyond the noise) and format dollars (`usd`) and scores (`fid_text`, ...);
@@ -38,6 +44,7 @@ __all__ = [
     "COST_TOLERANCE",
     "TrialRow",
     "SpendRow",
+    "CostPart",
     "ReportData",
     "report_data_to_dict",
     "report_data_from_dict",
@@ -53,6 +60,10 @@ __all__ = [
     "kid_text",
     "alignment_text",
     "spend_by",
+    "split_parts",
+    "split_by",
+    "cost_matrix",
+    "estimate_text",
     "cumulative_spend",
 ]
 
@@ -97,6 +108,8 @@ class TrialRow:
     alignment: float | None = None  # text alignment in [0, 1] (built-in data), else None
     alignment_lo: float | None = None  # its 95 % interval
     alignment_hi: float | None = None
+    estimate_usd: float | None = None  # what the controller estimated before launching it
+    estimate_error: float | None = None  # cost_usd / estimate_usd - 1 (None: no estimate)
 
     def __post_init__(self) -> None:
         if self.state not in TRIAL_STATES:
@@ -143,6 +156,20 @@ class SpendRow:
 
 
 @dataclass
+class CostPart:
+    """The part of the spend of one run spent on one activity in one phase (the ledger's split
+    of its segments, `budget_lab.ledger.store.SegmentPart`, summed over the run's segments)."""
+
+    run: str | None  # run name; None for spend not tied to a run
+    trial: int | None  # trial number when the run belongs to the sweep
+    phase: str | None  # training phase; None when unknown
+    activity: str  # startup | train | checkpoint | eval | sample_grid | idle | other
+    cost_usd: float  # its dollars, wasted spend included
+    wasted_usd: float  # the part of cost_usd whose work was lost
+    gpu_seconds: float  # GPU-seconds in this part
+
+
+@dataclass
 class ReportData:
     """Everything one report shows: a sweep (or a whole workspace) and its spend."""
 
@@ -157,6 +184,9 @@ class ReportData:
     generated_at: float = 0.0  # epoch seconds when the data was read
     verdict: str | None = None  # what the sweep found beyond the noise, in words (decide.py)
     cost_tolerance: float = COST_TOLERANCE  # the front's "$ within this count as equal"
+    # The spend split by run, phase and activity; sums to total_usd. Empty in a summary written
+    # before the split existed (`split_by` then falls back to the segments' phases).
+    parts: list[CostPart] = field(default_factory=list)
 
     @property
     def total_usd(self) -> float:
@@ -215,7 +245,10 @@ def report_data_from_dict(raw: Any) -> ReportData:
     body = {k: v for k, v in raw.items() if k != "format" and k not in _SWEEP_KEYS}
     trials = [_build(TrialRow, t, f"trials[{i}]") for i, t in enumerate(body.pop("trials", []))]
     spend = [_build(SpendRow, s, f"spend[{i}]") for i, s in enumerate(body.pop("spend", []))]
-    return _build(ReportData, {**body, "trials": trials, "spend": spend}, "report summary")
+    parts = [_build(CostPart, p, f"parts[{i}]") for i, p in enumerate(body.pop("parts", []))]
+    return _build(
+        ReportData, {**body, "trials": trials, "spend": spend, "parts": parts}, "report summary"
+    )
 
 
 def report_data_to_json(data: ReportData) -> str:
@@ -294,7 +327,7 @@ def sweep_verdict(
     the COMPLETE trials (repeats of one configuration merged, as the sweep does). `objective`
     is the sweep's (pareto when unknown); fid_per_dollar ranks by FID points per $ from
     `fid_baseline` (the untrained model's FID): None without it."""
-    from budget_lab.sweep.decide import config_from_rows, decide, group_repeats
+    from budget_lab.sweep.decide import config_from_rows, decide, group_repeats, pair_trials
     from budget_lab.sweep.spec import REPEAT_PARAM
 
     objective = objective or "pareto"
@@ -311,6 +344,7 @@ def sweep_verdict(
                 "fid_ci95": [lo, hi],
                 "fid_n": t.fid_n,
                 "cost_usd": t.cost_usd,
+                "run_dir": t.run_dir,
                 "alignment": t.alignment,
                 "alignment_ci95": None
                 if t.alignment_lo is None or t.alignment_hi is None
@@ -322,6 +356,7 @@ def sweep_verdict(
         config = config_from_rows(key, params, group, objective, fid_baseline)
         if config is not None:
             configs.append(config)
+    pair_trials(configs, rows, objective)  # as the sweep does: paired where the runs allow
     return decide(configs, objective, cost_tolerance).verdict
 
 
@@ -352,6 +387,15 @@ def kid_text(t: TrialRow) -> str:
     if t.kid_std is None:
         return f"{t.kid:.4f}"
     return f"{t.kid:.4f} ± {t.kid_std:.4f}"
+
+
+def estimate_text(t: TrialRow) -> tuple[str, str]:
+    """(estimate, error) of a trial as text: ``$0.0042``, ``+12%`` (settled / estimate - 1);
+    "—" where there is none."""
+    if t.estimate_usd is None:
+        return "—", "—"
+    error = "—" if t.estimate_error is None else f"{t.estimate_error:+.0%}"
+    return usd(t.estimate_usd), error
 
 
 def alignment_text(t: TrialRow) -> str:
@@ -388,6 +432,57 @@ def spend_by(spend: Iterable[SpendRow], key: str) -> dict[str, tuple[float, floa
         acc[1] += row.wasted_usd
     ordered = sorted(totals.items(), key=lambda kv: (-(kv[1][0] + kv[1][1]), kv[0]))
     return {label: (useful, wasted) for label, (useful, wasted) in ordered}
+
+
+#: The order activities are shown in (budget_lab.launch.activity.ACTIVITIES); others follow.
+_ACTIVITY_ORDER = ("startup", "train", "checkpoint", "eval", "sample_grid", "idle", "other")
+
+
+def split_parts(data: ReportData) -> list[CostPart]:
+    """The report's spend split (`ReportData.parts`); for a summary without it, one part per
+    segment: its phase, activity
+    "other" (as `cost report --by activity` counts a segment the ledger has not split)."""
+    if data.parts or not data.spend:
+        return list(data.parts)
+    return [
+        CostPart(r.run, r.trial, r.phase, "other", r.cost_usd, r.wasted_usd, r.gpu_seconds)
+        for r in data.spend
+    ]
+
+
+def _phase_label(phase: str | None) -> str:
+    return phase or "(no phase)"
+
+
+def split_by(data: ReportData, key: str) -> dict[str, tuple[float, float]]:
+    """``{label: (useful_usd, wasted_usd)}`` of the whole spend by "phase" or "activity", from the
+    ledger's split (each segment's dollars over what the job did in it): phases largest first,
+    activities in the order of a job (startup, train, checkpoint, eval, ...). Sums to
+    `total_usd`."""
+    if key not in ("phase", "activity"):
+        raise ValueError(f"unknown split key {key!r}; expected phase or activity")
+    totals: dict[str, list[float]] = {}
+    for part in split_parts(data):
+        label = _phase_label(part.phase) if key == "phase" else part.activity
+        acc = totals.setdefault(label, [0.0, 0.0])
+        acc[0] += part.cost_usd - part.wasted_usd
+        acc[1] += part.wasted_usd
+    if key == "phase":
+        order = sorted(totals, key=lambda k: (-(totals[k][0] + totals[k][1]), k))
+    else:
+        rank = {a: i for i, a in enumerate(_ACTIVITY_ORDER)}
+        order = sorted(totals, key=lambda k: (rank.get(k, len(rank)), k))
+    return {label: (totals[label][0], totals[label][1]) for label in order}
+
+
+def cost_matrix(data: ReportData) -> tuple[list[str], list[str], dict[tuple[str, str], float]]:
+    """(phases, activities, {(phase, activity): usd}): the spend as a phase x activity table,
+    in `split_by`'s orders; its cells sum to `total_usd`."""
+    cells: dict[tuple[str, str], float] = {}
+    for part in split_parts(data):
+        key = (_phase_label(part.phase), part.activity)
+        cells[key] = cells.get(key, 0.0) + part.cost_usd
+    return list(split_by(data, "phase")), list(split_by(data, "activity")), cells
 
 
 def cumulative_spend(spend: Sequence[SpendRow]) -> tuple[list[float], list[float], list[float]]:

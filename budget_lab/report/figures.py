@@ -8,8 +8,10 @@
   (`fid_axis_range`), so intervals that overlap look like they overlap.
 - ``spend_over_time.png``: cumulative spend, split into useful and wasted (stacked areas), with
   the budget as a dashed line.
-- ``spend_by_phase.png``, ``spend_by_cluster.png``, ``spend_by_trial.png``: horizontal bars,
-  useful + wasted stacked.
+- ``spend_by_phase.png``, ``spend_by_activity.png``, ``spend_by_cluster.png``,
+  ``spend_by_trial.png``: horizontal bars, useful + wasted stacked. Phase and activity come from
+  the ledger's split of each segment over what the job did in it (`data.split_by`), so a run that
+  did all its phases in one job shows every phase.
 
 Every figure is written even when there is nothing to draw (it then says so), so the page that
 links them never has a broken image.
@@ -28,7 +30,14 @@ from matplotlib.patches import Rectangle
 from matplotlib.transforms import blended_transform_factory
 
 from budget_lab.io import atomic_write
-from budget_lab.report.data import ReportData, TrialRow, cumulative_spend, spend_by, usd
+from budget_lab.report.data import (
+    ReportData,
+    TrialRow,
+    cumulative_spend,
+    spend_by,
+    split_by,
+    usd,
+)
 
 __all__ = [
     "FIGURES",
@@ -45,6 +54,7 @@ FIGURES: dict[str, str] = {
     "pareto": "pareto.png",
     "spend_over_time": "spend_over_time.png",
     "spend_by_phase": "spend_by_phase.png",
+    "spend_by_activity": "spend_by_activity.png",
     "spend_by_cluster": "spend_by_cluster.png",
     "spend_by_trial": "spend_by_trial.png",
 }
@@ -294,10 +304,11 @@ def plot_spend_over_time(data: ReportData, path: str | os.PathLike[str]) -> Path
 
 
 def plot_spend_by(data: ReportData, key: str, path: str | os.PathLike[str]) -> Path:
-    """Horizontal bars of spend per `key` (phase, cluster, trial or run), useful + wasted."""
-    groups = spend_by(data.spend, key)
-    labels = list(groups)[::-1]  # largest on top
-    height = 1.2 + 0.35 * max(len(labels), 1)
+    """Horizontal bars of spend per `key` (phase, activity, cluster, trial or run), useful +
+    wasted. Phase and activity: the ledger's split (`split_by`)."""
+    groups = split_by(data, key) if key in ("phase", "activity") else spend_by(data.spend, key)
+    labels = list(groups)[::-1]  # the first (largest, or the job's first activity) on top
+    height = 1.2 + 0.35 * max(len(labels), 2)
     fig = Figure(figsize=(7.0, min(height, 12.0)))
     ax = fig.add_subplot()
     ax.set_title(f"Spend by {key}")
@@ -327,6 +338,7 @@ def write_figures(data: ReportData, out_dir: str | os.PathLike[str]) -> dict[str
         "pareto": plot_pareto(data, out / FIGURES["pareto"]),
         "spend_over_time": plot_spend_over_time(data, out / FIGURES["spend_over_time"]),
         "spend_by_phase": plot_spend_by(data, "phase", out / FIGURES["spend_by_phase"]),
+        "spend_by_activity": plot_spend_by(data, "activity", out / FIGURES["spend_by_activity"]),
         "spend_by_cluster": plot_spend_by(data, "cluster", out / FIGURES["spend_by_cluster"]),
         "spend_by_trial": plot_spend_by(data, "trial", out / FIGURES["spend_by_trial"]),
     }

@@ -15,8 +15,14 @@ note naming its file, for readers who copied index.html without its PNGs.
 The per-trial table is ``<table id="trials">`` with one ``<tr class="trial-row">`` per trial
 (``data-trial`` and ``data-state`` attributes), so scripts and tests can count and filter rows.
 Its scores carry their noise: FID [95% CI] with its N, KID ± std, alignment [95% CI]; costs keep
-their sub-cent digits (`data.usd`). The sweep's verdict (what it told apart beyond the noise and
-what it could not) is ``<p id="verdict">`` near the top.
+their sub-cent digits (`data.usd`), and each trial's estimate before launch is shown beside what
+the ledger settled, with the error (settled / estimate - 1). The sweep's verdict (what it told
+apart beyond the noise and what it could not) is ``<p id="verdict">`` near the top.
+
+Where the money went is ``<table id="cost-split">``: dollars per phase (rows) and activity
+(columns: start-up, training, checkpoints, evaluation, ...), from the ledger's split of each
+segment over the job's own clock; each cell carries its exact figure in ``data-usd``, and the
+totals row and column sum to the sweep's total.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ from budget_lab.report.data import (
     TrialRow,
     alignment_text,
     best_trials,
+    cost_matrix,
+    estimate_text,
     fid_text,
     kid_text,
     spend_by,
@@ -77,6 +85,7 @@ tr.pareto td:first-child { box-shadow: inset 4px 0 #1a9850; }
 .state-FAIL { background: #f8d7da; color: #8a1f2b; }
 .state-RUNNING { background: #d9ecf7; color: #1f5f8a; }
 .grids { display: grid; grid-template-columns: repeat(auto-fit, minmax(300px, 1fr)); gap: 14px; }
+tr.total td { font-weight: 600; background: #eef1f4; }
 .verdict { background: #fff; border: 1px solid #dde1e6; border-left: 4px solid #1a9850;
            border-radius: 6px; padding: 10px 14px; margin: 16px 0 0; white-space: pre-line; }
 footer { color: #8a939c; font-size: 12px; margin-top: 32px; }
@@ -121,7 +130,9 @@ _FIGURE_CAPTIONS = {
     "or cheaper beyond the cost tolerance) and no worse in the other. Crosses: pruned and "
     "failed trials.",
     "spend_over_time": "Cumulative spend: useful (kept work) and wasted (lost work).",
-    "spend_by_phase": "Spend by training phase.",
+    "spend_by_phase": "Spend by training phase (each job's time split over the phases it ran).",
+    "spend_by_activity": "Spend by activity: start-up, training, checkpoint writes, evaluation, "
+    "sample grids, idle after a stop request, other.",
     "spend_by_cluster": "Spend by cluster.",
     "spend_by_trial": "Spend by trial.",
 }
@@ -216,9 +227,10 @@ def _verdict(data: ReportData) -> str:
 def _trial_table(data: ReportData) -> str:
     keys = sorted({k for t in data.trials for k in t.params})
     head = ["#", "state", "FID [95% CI]", "N", "KID ± std", "alignment [95% CI]", "cost"]
-    head += ["wasted", "GPU-h", "Pareto", "run", *keys]
+    head += ["estimate", "error", "wasted", "GPU-h", "Pareto", "run", *keys]
     rows = []
     for t in sorted(data.trials, key=lambda t: t.number):
+        estimate, error = estimate_text(t)
         cells = [
             f'<td class="num">{t.number}</td>',
             f'<td><span class="state state-{_e(t.state)}">{_e(t.state)}</span></td>',
@@ -227,6 +239,8 @@ def _trial_table(data: ReportData) -> str:
             f'<td class="num kid">{_e(kid_text(t))}</td>',
             f'<td class="num alignment">{_e(alignment_text(t))}</td>',
             f'<td class="num">{usd(t.cost_usd)}</td>',
+            f'<td class="num estimate">{estimate}</td>',
+            f'<td class="num estimate-error">{error}</td>',
             f'<td class="num">{usd(t.wasted_usd)}</td>',
             f'<td class="num">{_num(t.gpu_hours)}</td>',
             f"<td>{'&#9733;' if t.pareto else ''}</td>",
@@ -266,6 +280,53 @@ def _spend_table(data: ReportData) -> str:
         '<div class="scroll"><table id="spend">\n<thead><tr><th>run</th><th>cluster</th>'
         "<th>GPU-h</th><th>total</th><th>useful</th><th>wasted</th></tr></thead>\n"
         f"<tbody>\n{rows}\n</tbody></table></div>"
+    )
+
+
+_ACTIVITY_NAMES = {
+    "startup": "start-up",
+    "train": "training",
+    "checkpoint": "checkpoints",
+    "eval": "evaluation",
+    "sample_grid": "sample grids",
+    "idle": "idle",
+    "other": "other",
+}
+
+
+def _cost_split(data: ReportData) -> str:
+    """Dollars per phase x activity, with a total per phase, per activity and overall."""
+    phases, activities, cells = cost_matrix(data)
+    if not phases:
+        return '<p class="meta">No spend recorded yet.</p>'
+
+    def cell(value: float, cls: str = "num") -> str:
+        return f'<td class="{cls}" data-usd="{value!r}">{usd(value)}</td>'
+
+    rows = []
+    for phase in phases:
+        values = [cells.get((phase, a), 0.0) for a in activities]
+        rows.append(
+            f'<tr class="phase-row" data-phase="{_e(phase)}"><td>{_e(phase)}</td>'
+            + "".join(cell(v) for v in values)
+            + cell(sum(values), "num phase-total")
+            + "</tr>"
+        )
+    per_activity = [sum(cells.get((p, a), 0.0) for p in phases) for a in activities]
+    rows.append(
+        '<tr class="total"><td>total</td>'
+        + "".join(cell(v, "num activity-total") for v in per_activity)
+        + cell(sum(per_activity), "num grand-total")
+        + "</tr>"
+    )
+    header = "".join(
+        f'<th data-activity="{_e(a)}">{_e(_ACTIVITY_NAMES.get(a, a))}</th>' for a in activities
+    )
+    return (
+        '<div class="scroll"><table id="cost-split">\n'
+        f"<thead><tr><th>phase</th>{header}<th>total</th></tr></thead>\n<tbody>\n"
+        + "\n".join(rows)
+        + "\n</tbody></table></div>"
     )
 
 
@@ -335,6 +396,8 @@ def write_html_report(data: ReportData, out_dir: str | os.PathLike[str]) -> Path
 {_trial_table(data)}
 <h2>Samples of the best trials</h2>
 {_grids(grids)}
+<h2>Cost by phase and activity</h2>
+{_cost_split(data)}
 <h2>Spend by run</h2>
 {_spend_table(data)}
 <footer>budget-lab report &middot; all amounts in USD; useful + wasted = total.</footer>

@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from budget_lab.errors import UserError
 from budget_lab.report.data import (
     COST_TOLERANCE,
+    CostPart,
     ReportData,
     SpendRow,
     TrialRow,
@@ -103,7 +105,7 @@ def load_report_data(workspace, sweep: str | None = None, storage: str | None = 
     from budget_lab.ledger import Ledger
 
     ledger = Ledger.for_workspace(workspace)
-    segments = ledger.segments(sweep=sweep) if sweep else ledger.segments()
+    segments = ledger.segments(sweep=sweep, with_parts=True)
     spend = [
         SpendRow(
             run=s.run,
@@ -118,6 +120,7 @@ def load_report_data(workspace, sweep: str | None = None, storage: str | None = 
         )
         for s in segments
     ]
+    parts = _parts(segments)
     trials: list[TrialRow] = []
     objective = formula = stop_reason = verdict = None
     budget = None
@@ -158,6 +161,7 @@ def load_report_data(workspace, sweep: str | None = None, storage: str | None = 
                     grid_path=_grid(t.user_attrs.get("run_dir")),
                     objective_values=list(t.values) if t.values else None,
                     **_scores(t.user_attrs),
+                    **_estimate(t.user_attrs, sum(s.cost_usd for s in segs)),
                 )
             )
         folder = workspace.sweep_dir(sweep)
@@ -183,5 +187,37 @@ def load_report_data(workspace, sweep: str | None = None, storage: str | None = 
         generated_at=time.time(),
         verdict=verdict,
         cost_tolerance=tolerance,
+        parts=parts,
     )
     return data
+
+
+def _parts(segments: list) -> list[CostPart]:
+    """The ledger's split of the segments, summed per (run, trial, phase, activity). A segment
+    the ledger has not split (synced before activity.jsonl) is "other" in its own phase, as
+    `budget-lab cost report --by activity` counts it."""
+    acc: dict[tuple[Any, ...], list[float]] = {}
+    for s in segments:
+        pieces = [
+            (p.phase, p.activity, p.cost_usd, p.wasted_usd, p.seconds * s.gpus) for p in s.parts
+        ]
+        if not pieces:
+            pieces = [(s.phase, "other", s.cost_usd, s.wasted_usd, s.gpu_seconds)]
+        for phase, activity, cost, wasted, gpu_seconds in pieces:
+            entry = acc.setdefault((s.run, s.trial, phase or s.phase, activity), [0.0, 0.0, 0.0])
+            entry[0] += cost
+            entry[1] += wasted
+            entry[2] += gpu_seconds
+    return [
+        CostPart(run, trial, phase, activity, cost, wasted, gpu_seconds)
+        for (run, trial, phase, activity), (cost, wasted, gpu_seconds) in acc.items()
+    ]
+
+
+def _estimate(attrs: dict[str, Any], settled: float) -> dict[str, float | None]:
+    """A trial's estimate before launch and its error against the settled dollars."""
+    estimate = attrs.get("estimate_usd")
+    if not isinstance(estimate, (int, float)) or estimate <= 0:
+        return {}
+    error = settled / estimate - 1 if settled > 0 else None
+    return {"estimate_usd": float(estimate), "estimate_error": error}

@@ -19,6 +19,7 @@ from budget_lab.report.data import (
     fid_text,
     kid_text,
     spend_by,
+    split_by,
     usd,
 )
 
@@ -112,7 +113,8 @@ def scores_table(data: ReportData) -> Table:
 
 
 def spend_table(data: ReportData, key: str) -> Table:
-    """Spend grouped by `key` (phase, cluster, trial or run): useful, wasted, total, share."""
+    """Spend grouped by `key` (phase, activity, cluster, trial or run): useful, wasted, total,
+    share. Phase and activity come from the ledger's split of each segment (`split_by`)."""
     total = data.total_usd
     table = Table(title=f"Spend by {key}", title_justify="left")
     table.add_column(key)
@@ -120,7 +122,8 @@ def spend_table(data: ReportData, key: str) -> Table:
     table.add_column("wasted", justify="right", style="red")
     table.add_column("total", justify="right", style="bold")
     table.add_column("share", justify="right")
-    for label, (useful, wasted) in spend_by(data.spend, key).items():
+    groups = split_by(data, key) if key in ("phase", "activity") else spend_by(data.spend, key)
+    for label, (useful, wasted) in groups.items():
         share = (useful + wasted) / total if total else 0.0
         table.add_row(label, usd(useful), usd(wasted), usd(useful + wasted), f"{share:.0%}")
     return table
@@ -142,7 +145,7 @@ def _min_width(table: Table, wrapped: int = 12) -> int:
 
 def print_report(data: ReportData, console: Console | None = None) -> None:
     """Print the summary, the verdict, the trials table (and the scores table on a narrow
-    terminal) and spend by phase and cluster to `console`."""
+    terminal) and spend by phase, activity and cluster to `console`."""
     console = console or Console()
     when = dt.datetime.fromtimestamp(data.generated_at, tz=dt.timezone.utc)
     console.print(f"[bold]{data.title}[/]  [dim]{when:%Y-%m-%d %H:%M UTC}[/]")
@@ -182,6 +185,7 @@ def print_report(data: ReportData, console: Console | None = None) -> None:
             console.print(scores_table(data))
     if data.spend:
         console.print(spend_table(data, "phase"))
+        console.print(spend_table(data, "activity"))
         console.print(spend_table(data, "cluster"))
     else:
         console.print("[dim]no spend recorded in the ledger yet[/]")

@@ -10,6 +10,11 @@ Two pieces, both built from the same `summary_tables`:
    kid ± kid_std and alignment with alignment_lo / alignment_hi; the FID-vs-$ data
    (``scored_trials``) has fid_lo / fid_hi, and since W&B's charts draw no error bars, the
    intervals are also a line plot with one vertical segment per trial (``fid_intervals_plot``).
+   Where the money went: ``cost_split`` ($ per phase x activity, from the ledger's split of each
+   segment over the job's own clock; its rows sum to total_usd), ``spend_by_phase`` and
+   ``spend_by_activity`` (with bar plots); what each trial was estimated to cost before launch
+   against what the ledger settled: ``estimate_vs_settled`` (and estimate_usd / estimate_error
+   in the trials table).
 2. The *report* (`build_report_spec` -> `build_wandb_report` -> ``Report.save()``): a "Cost
    report" page with panels over the summary run's tables. `build_report_spec` is plain data
    (JSON) and needs no network; `build_wandb_report` turns it into ``wandb_workspaces`` objects,
@@ -39,6 +44,8 @@ from budget_lab.report.data import (
     cumulative_spend,
     fid_text,
     spend_by,
+    split_by,
+    split_parts,
     usd,
 )
 from budget_lab.report.wandb_log import service_reachable, wandb_mode
@@ -72,6 +79,8 @@ _TRIAL_COLUMNS = [
     "alignment_lo",
     "alignment_hi",
     "cost_usd",
+    "estimate_usd",  # estimated before launch; None for a trial without an estimate
+    "estimate_error",  # cost_usd / estimate_usd - 1
     "wasted_usd",
     "gpu_hours",
     "pareto",
@@ -104,6 +113,12 @@ _PLOTS: dict[str, tuple[str, str, dict[str, str], str]] = {
         "spend_by_phase",
         {"label": "phase", "value": "total_usd"},
         "Spend by phase",
+    ),
+    "spend_by_activity_plot": (
+        "bar",
+        "spend_by_activity",
+        {"label": "activity", "value": "total_usd"},
+        "Spend by activity",
     ),
     "spend_by_cluster_plot": (
         "bar",
@@ -156,12 +171,16 @@ def _param_columns(data: ReportData) -> list[tuple[str, str]]:
 def _trial_row(t: TrialRow, params: list[tuple[str, str]]) -> list[Any]:
     base = [t.number, t.state, t.fid, t.fid_lo, t.fid_hi, t.fid_n, t.kid, t.kid_std]
     base += [t.alignment, t.alignment_lo, t.alignment_hi]
-    base += [t.cost_usd, t.wasted_usd, t.gpu_hours, t.pareto, t.run]
+    base += [t.cost_usd, t.estimate_usd, t.estimate_error, t.wasted_usd, t.gpu_hours]
+    base += [t.pareto, t.run]
     return base + [t.params.get(k) for k, _ in params]
 
 
 def _scalars(data: ReportData) -> dict[str, Any]:
     best = best_trials(data.trials, 1)
+    estimated = [t for t in data.trials if t.estimate_usd is not None]
+    estimate = sum(t.estimate_usd or 0.0 for t in estimated)
+    settled = sum(t.cost_usd for t in estimated)
     return {
         "total_usd": data.total_usd,
         "useful_usd": data.useful_usd,
@@ -175,6 +194,9 @@ def _scalars(data: ReportData) -> dict[str, Any]:
         "best_fid_n": best[0].fid_n if best else None,
         "best_trial": best[0].number if best else None,
         "best_cost_usd": best[0].cost_usd if best else None,
+        # The trials that had an estimate: what they were expected to cost, and the error.
+        "estimate_usd": estimate if estimated else None,
+        "estimate_error": settled / estimate - 1 if estimate > 0 else None,
         "budget_usd": data.budget_usd,
         "stop_reason": data.stop_reason,
         "verdict": data.verdict,
@@ -189,8 +211,10 @@ def summary_tables(data: ReportData) -> dict[str, tuple[list[str], list[list[Any
     such trial's interval as two points (cost, lo) and (cost, hi) of its own series, a vertical
     segment in a line plot (W&B draws no error bars); pareto_steps: the front as a step line (a
     corner point is added between two front trials); spend: the ledger rows; spend_over_time: the
-    cumulative total, useful and wasted spend (one series each); spend_by_phase / cluster /
-    trial and useful_vs_wasted: the bar charts.
+    cumulative total, useful and wasted spend (one series each); cost_split: $ per phase x
+    activity (the ledger's split; sums to the total); spend_by_phase / activity / cluster / trial
+    and useful_vs_wasted: the bar charts; estimate_vs_settled: each trial with an estimate, what
+    was expected before launch and what the ledger settled.
     """
     params = _param_columns(data)
     trial_columns = _TRIAL_COLUMNS + [col for _, col in params]
@@ -211,8 +235,19 @@ def summary_tables(data: ReportData) -> dict[str, tuple[list[str], list[list[Any
         over_time += [[hours, tot, "total"], [hours, tot - was, "useful"], [hours, was, "wasted"]]
 
     def by(key: str) -> tuple[list[str], list[list[Any]]]:
-        rows = [[label, u, w, u + w] for label, (u, w) in spend_by(data.spend, key).items()]
+        split = key in ("phase", "activity")
+        groups = split_by(data, key) if split else spend_by(data.spend, key)
+        rows = [[label, u, w, u + w] for label, (u, w) in groups.items()]
         return [key, "useful_usd", "wasted_usd", "total_usd"], rows
+
+    split: dict[tuple[str, str], list[float]] = {}
+    for part in split_parts(data):
+        acc = split.setdefault((part.phase or "(no phase)", part.activity), [0.0, 0.0, 0.0])
+        acc[0] += part.cost_usd
+        acc[1] += part.wasted_usd
+        acc[2] += part.gpu_seconds / 3600.0
+    phases, activities = list(split_by(data, "phase")), list(split_by(data, "activity"))
+    order = {k: (phases.index(k[0]), activities.index(k[1])) for k in split}
 
     return {
         "trials": (trial_columns, [_trial_row(t, params) for t in trials]),
@@ -254,12 +289,25 @@ def summary_tables(data: ReportData) -> dict[str, tuple[list[str], list[list[Any
             ],
         ),
         "spend_over_time": (["hours", "usd", "series"], over_time),
+        "cost_split": (
+            ["phase", "activity", "cost_usd", "wasted_usd", "gpu_hours"],
+            [[*key, *split[key]] for key in sorted(split, key=order.__getitem__)],
+        ),
         "spend_by_phase": by("phase"),
+        "spend_by_activity": by("activity"),
         "spend_by_cluster": by("cluster"),
         "spend_by_trial": by("trial"),
         "useful_vs_wasted": (
             ["kind", "usd"],
             [["useful", data.useful_usd], ["wasted", data.wasted_usd]],
+        ),
+        "estimate_vs_settled": (
+            ["trial", "run", "state", "estimate_usd", "settled_usd", "error"],
+            [
+                [t.number, t.run, t.state, t.estimate_usd, t.cost_usd, t.estimate_error]
+                for t in trials
+                if t.estimate_usd is not None
+            ],
         ),
     }
 
@@ -318,7 +366,8 @@ def log_sweep_summary(data: ReportData, run: Any) -> None:
     """Log the report's tables, plots and totals to `run` (a wandb run, online or offline).
 
     Logs every table of `summary_tables` under its name, the plots of the report (FID vs $
-    scatter, the Pareto front, spend over time and by phase / cluster / trial, useful vs wasted)
+    scatter, the Pareto front, spend over time and by phase / activity / cluster / trial, useful
+    vs wasted)
     as W&B custom charts, and the totals (total_usd, wasted_usd, best_fid, ...) in the summary.
     """
     import wandb
@@ -386,6 +435,19 @@ def _description(data: ReportData) -> str:
         lines.append(
             f"- **Lowest FID:** {fid_text(b)}{n}, trial #{b.number} ({b.run}) for {usd(b.cost_usd)}"
         )
+    activities = split_by(data, "activity")
+    if activities:
+        lines.append(
+            "- **By activity:** "
+            + ", ".join(f"{a} {usd(u + w)}" for a, (u, w) in activities.items())
+        )
+    scalars = _scalars(data)
+    if scalars["estimate_error"] is not None:
+        lines.append(
+            f"- **Estimated before launch:** {usd(scalars['estimate_usd'])}, settled "
+            f"{usd(sum(t.cost_usd for t in data.trials if t.estimate_usd is not None))} "
+            f"({scalars['estimate_error']:+.0%})"
+        )
     if data.objective_formula or data.objective:
         lines.append(f"- **Objective:** `{data.objective_formula or data.objective}`")
     if data.stop_reason:
@@ -452,6 +514,8 @@ def build_report_spec(data: ReportData, entity: str | None, project: str) -> dic
                     _chart("spend_by_phase_plot", _layout(0, 12, 8, 8)),
                     _chart("spend_by_cluster_plot", _layout(8, 12, 8, 8)),
                     _chart("spend_by_trial_plot", _layout(16, 12, 8, 8)),
+                    _chart("spend_by_activity_plot", _layout(0, 20, 8, 8)),
+                    {"type": "table", "table": "cost_split", "layout": _layout(8, 20, 16, 8)},
                 ],
             },
             {"type": "h2", "text": "Trials"},
@@ -461,6 +525,11 @@ def build_report_spec(data: ReportData, entity: str | None, project: str) -> dic
                 "panels": [
                     {"type": "table", "table": "trials", "layout": _layout(0, 0, 24, 10)},
                     {"type": "table", "table": "spend", "layout": _layout(0, 10, 24, 8)},
+                    {
+                        "type": "table",
+                        "table": "estimate_vs_settled",
+                        "layout": _layout(0, 18, 24, 7),
+                    },
                 ],
             },
         ],

@@ -14,9 +14,13 @@ and running trials are cut (checkpoint, status "cut") once the spend reaches it.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import itertools
 import json
 import math
 import os
+import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +29,38 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from budget_lab.errors import UserError
-from budget_lab.io import atomic_write_json
+from budget_lab.config import model_config, run_config_from_dict
+from budget_lab.errors import ConfigError, UserError
+from budget_lab.io import atomic_write_json, yaml_load
+from budget_lab.launch import launch_run, read_launch
 from budget_lab.launch.job import EvalPlan, read_jsonl, segment_rows
 from budget_lab.launch.notify import Listener
-from budget_lab.launch.status import FINAL_STATES, run_status
+from budget_lab.launch.status import FINAL_STATES, cancel_run, run_status
+from budget_lab.launch.submit import crash_point
+from budget_lab.ledger import (
+    Ledger,
+    calibrate_benchmark,
+    calibrate_from_run,
+    estimate_run,
+    sync_run,
+)
+from budget_lab.ledger.calibration import device_of, learn_from_run, time_training_step
+from budget_lab.ledger.cap_policy import (
+    KILL_TERM_S,
+    SLURM_KILL_WAIT_S,
+    UNMEASURED_STEP_S,
+    CapJob,
+    CapPolicy,
+    launch_headroom,
+)
+from budget_lab.ledger.estimate import write_estimate
+from budget_lab.rundir import CutKind, cut_kind, read_stop, request_stop_file
+from budget_lab.sweep.compose import TrialComposer, budget_steps
+from budget_lab.sweep.decide import config_from_rows, decide, group_repeats, pair_trials
+from budget_lab.sweep.objectives import objective_values
+from budget_lab.sweep.pruner import make_pruner, report_fid, resolve_rungs, should_prune
+from budget_lab.sweep.sampler import grid_search_space, make_sampler, study_directions, suggest
+from budget_lab.sweep.spec import REPEAT_PARAM
 from budget_lab.sweep.storage import default_storage, open_storage
 
 __all__ = ["SweepController", "SweepSummary", "default_storage", "ensure_builtin_data"]
@@ -61,6 +92,8 @@ def ensure_builtin_data(path: Path, n: int = 2500, progress: bool = True) -> Pat
     once (a few tens of seconds on a laptop CPU) and reused by every sweep of the workspace:
     90 % to train on, 10 % (250) held out as the validation split, the FID/KID reference (its
     InceptionV3 features cost ~0.4 s an image on 2 CPU cores, once per workspace)."""
+    # Imported here: data preparation imports torch, which a sweep whose data is ready (or
+    # that runs on a cluster) never needs.
     from budget_lab.data.prepare import prepare_dataset
     from budget_lab.data.synth import synth_dataset
 
@@ -93,8 +126,6 @@ class SweepController:
         progress: bool = True,
         placement=None,
     ):
-        from budget_lab.ledger import Ledger
-
         self.spec = spec
         self.workspace = workspace.ensure()
         self.cluster = cluster
@@ -106,21 +137,19 @@ class SweepController:
         self.placement = placement  # nodes × GPUs per trial (default: one whole node)
         self.progress = progress
         self.ledger = Ledger.for_workspace(workspace)
-        self._recipe_base = None  # the recipe with the sweep's base overrides, composed once
-        self._base_cfg = None
+        self._composer: TrialComposer | None = None  # the trials' configs, the recipe composed once
         self._base_estimate_usd: float | None = None  # rung_fractions scale: the base trial's $
         self._spent_cache: tuple[float, float] | None = None  # (monotonic time, $) of _spent()
         # The budget guard's period: the spend is synced from every running trial's files
         # (~10 ms each), so not at every poll; the guard's stop margin accounts for the period.
         self.guard_s = max(poll_s, 1.0)
-        self.active: dict[int, dict[str, Any]] = {}  # trial number → {"trial", "run_dir", ...}
+        # trial number → {"trial" (the live optuna.Trial), "run_dir", "estimate_usd", ...}
+        self.active: dict[int, dict[str, Any]] = {}
         self.stop_reason: str | None = None
 
     # -- the study --------------------------------------------------------------------------------
 
     def _study(self) -> optuna.Study:
-        from budget_lab.sweep import make_pruner, make_sampler, study_directions
-
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         return optuna.create_study(
             study_name=self.spec.name,
@@ -144,23 +173,16 @@ class SweepController:
         """The trial's run config: the recipe with the sweep's base overrides and eval settings
         (composed once per controller), then the params' targets, the command line's overrides
         and `extra`; composing validates it."""
-        from budget_lab.sweep import param_overrides
-
-        base = self._recipe()
-        targets = param_overrides(self.spec, params, self._base_cfg)
-        cfg = base.compose([*targets, *self.overrides, *extra])
+        cfg = self._trials().compose(params, extra)
         cfg.data.path = str(Path(cfg.data.path).resolve())
         return cfg
 
-    def _recipe(self):
-        """The recipe with the sweep's base overrides and eval settings, composed once."""
-        from budget_lab.config import RecipeBase
-        from budget_lab.sweep import base_overrides
-
-        if self._recipe_base is None:
-            self._recipe_base = RecipeBase(self.spec.recipe, base_overrides(self.spec))
-            self._base_cfg = self._recipe_base.compose()
-        return self._recipe_base
+    def _trials(self) -> TrialComposer:
+        """The trials' configs: the recipe with the sweep's base overrides and eval settings
+        (composed once, at the first trial), then the params and the command line's overrides."""
+        if self._composer is None:
+            self._composer = TrialComposer(self.spec, self.overrides)
+        return self._composer
 
     def _eval_plan(self, cfg, estimate_usd: float) -> EvalPlan:
         """FID settings from the trial's eval config (the sweep's `eval` overrides applied); the
@@ -168,8 +190,6 @@ class SweepController:
         estimate when it has none)."""
         spec = self.spec
         pruning = spec.pruner != "none"
-        from budget_lab.sweep import resolve_rungs
-
         rungs = resolve_rungs(spec, self._base_estimate_usd or estimate_usd) if pruning else []
         return EvalPlan(
             fid_samples=cfg.eval.fid_samples,
@@ -200,17 +220,17 @@ class SweepController:
             return self.placement.gpus_per_node
         return self.cluster.gpus_per_node
 
-    def _estimate(self, cfg):
+    def _estimate(self, cfg, *, measure: bool = True):
         """The trial's cost estimate; on this machine, a missing throughput calibration is
-        measured first (a few training steps), elsewhere it is an error that says how to get one."""
-        from budget_lab.errors import ConfigError
-        from budget_lab.ledger import calibrate_benchmark, estimate_run
-        from budget_lab.ledger.calibration import device_of
-
+        measured first (a few training steps; not when `measure` is False: a dry run), elsewhere
+        it is an error that says how to get one."""
+        evals = self._eval_counts(cfg)
         try:
-            return estimate_run(cfg, self.cluster, self.workspace, gpus_per_node=self._gpus())
+            return estimate_run(
+                cfg, self.cluster, self.workspace, gpus_per_node=self._gpus(), **evals
+            )
         except ConfigError:
-            if self.cluster.executor != "local":
+            if self.cluster.executor != "local" or not measure:
                 raise
         phase = cfg.phases[0]
         self._say(f"calibrating {cfg.model['preset']} throughput on this machine (a few steps)")
@@ -221,16 +241,23 @@ class SweepController:
             device_type=device_of(self.cluster),
             batch=min(phase.batch_size, 32),
         )
-        return estimate_run(cfg, self.cluster, self.workspace, gpus_per_node=self._gpus())
+        return estimate_run(cfg, self.cluster, self.workspace, gpus_per_node=self._gpus(), **evals)
+
+    def _eval_counts(self, cfg) -> dict[str, int]:
+        """The FIDs a trial pays for (its rungs, its phase rungs, the final one), for estimates."""
+        plan = self._eval_plan(cfg, 1.0)
+        rungs = len(plan.rungs_usd) + (len(cfg.phases) - 1 if plan.phase_rung else 0)
+        return {
+            "fid_samples": plan.fid_samples,
+            "sampler_steps": plan.sampler_steps,
+            "fid_evals": rungs + (1 if plan.final_eval else 0),
+        }
 
     def _usd_per_step(self, cfg, estimate) -> list[float]:
         """$ of one optimizer step of each phase. On this machine: timed on the trial's exact
         model (routes and all, a few steps); elsewhere: from the estimate's calibration."""
         if self.cluster.executor != "local":
             return _usd_per_step(cfg, estimate)
-        from budget_lab.config import model_config
-        from budget_lab.ledger.calibration import time_training_step
-
         rate = estimate.usd_per_gpu_hour * max(self._gpus(), 1) / 3600
         out = []
         for phase in cfg.phases:
@@ -249,8 +276,6 @@ class SweepController:
         """The sweep's spend: the ledger's settled segments plus live figures of active runs
         (each active trial's own part kept as its "seen_usd"). A figure taken less than
         `max_age_s` ago is reused: a launch right after a loop pass needs no second sync."""
-        from budget_lab.ledger import sync_run
-
         cached = self._spent_cache
         if cached is not None and time.monotonic() - cached[0] < max_age_s:
             return cached[1]
@@ -264,34 +289,26 @@ class SweepController:
         self._spent_cache = (time.monotonic(), spent)
         return spent
 
-    def _launch(
-        self, study: optuna.Study, trial: optuna.trial.Trial | optuna.trial.FrozenTrial, params
-    ) -> bool:
+    def _launch(self, study: optuna.Study, trial: optuna.Trial, params: dict[str, Any]) -> bool:
         """Estimate and launch one trial; False (and the trial told FAIL) when it does not fit."""
-        from budget_lab.errors import ConfigError
-        from budget_lab.launch import launch_run
-        from budget_lab.launch.submit import crash_point
-
         try:
             cfg = self._trial_config(params)
         except ConfigError as err:
             # A combination of valid values that does not compose (dim 96 with head_dim 64):
             # this trial fails with the reason; the sweep goes on with the next one. (Errors
             # of the sweep as a whole, from the estimate or the submission, still stop it.)
-            study._storage.set_trial_user_attr(
-                trial._trial_id, "error", f"invalid configuration: {err}"
-            )
-            study.tell(trial.number, state=TrialState.FAIL)
+            trial.set_user_attr("error", f"invalid configuration: {err}")
+            study.tell(trial, state=TrialState.FAIL)
             self._say(f"trial {trial.number}: FAIL, invalid configuration: {err}")
             return True
-        return self._launch_config(study, trial, params, cfg, launch_run, crash_point)
+        return self._launch_config(study, trial, params, cfg)
 
-    def _launch_config(self, study, trial, params, cfg, launch_run, crash_point) -> bool:
+    def _launch_config(
+        self, study: optuna.Study, trial: optuna.Trial, params: dict[str, Any], cfg
+    ) -> bool:
         estimate = self._estimate(cfg)
         if self.spec.objective == "fid_at_budget":
             # Size the phases so the trial spends its budget (the job still stops at it).
-            from budget_lab.sweep import budget_steps
-
             per_step = self._usd_per_step(cfg, estimate)
             sized = budget_steps(self.spec, cfg, per_step)
             # The job ends each phase at its share of the budget and stops at the budget; the
@@ -303,35 +320,32 @@ class SweepController:
             ]
             cfg = self._trial_config(params, sized)
             estimate = self._estimate(cfg)
-        est = estimate.cost_usd
-        if self.spec.objective == "fid_at_budget" and self.spec.trial_budget_usd:
-            est = min(est, self.spec.trial_budget_usd)
+        est = self._trial_usd(estimate)
         if self.budget_usd is not None:
             # What is spent plus what the running trials may still spend: the figure of the
             # budget guard's last check is reused (the running trials' remaining estimates
             # cover what they spent since).
-            committed = self._spent(max_age_s=self.guard_s) + sum(
-                max(i["estimate_usd"] - i.get("seen_usd", 0.0), 0.0) for i in self.active.values()
+            headroom = launch_headroom(
+                self.budget_usd,
+                self._spent(max_age_s=self.guard_s),
+                (i["estimate_usd"] - i.get("seen_usd", 0.0) for i in self.active.values()),
             )
-            if committed + est > self.budget_usd:
-                study._storage.set_trial_user_attr(
-                    trial._trial_id,
-                    "not_started",
-                    f"estimate ${est:.4f} exceeds the remaining ${self.budget_usd - committed:.4f}",
+            if est > headroom:
+                trial.set_user_attr(
+                    "not_started", f"estimate ${est:.4f} exceeds the remaining ${headroom:.4f}"
                 )
-                study.tell(trial.number, state=TrialState.FAIL)
+                study.tell(trial, state=TrialState.FAIL)
                 self.stop_reason = (
                     f"budget: the next trial's estimate ${est:.4f} exceeds the remaining "
-                    f"${max(self.budget_usd - committed, 0):.4f} of ${self.budget_usd:.4f}"
+                    f"${max(headroom, 0):.4f} of ${self.budget_usd:.4f}"
                 )
                 return False
         name = self._run_name(trial.number)
         # The trial's side of the trial <-> run link before anything is submitted: a controller
         # killed during the submission finds the run folder (and its launch record) again.
-        storage = study._storage
         run_dir = str((Path(self.workspace.runs_dir) / name).resolve())
         for key, value in {"run": name, "run_dir": run_dir, "estimate_usd": est}.items():
-            storage.set_trial_user_attr(trial._trial_id, key, value)
+            trial.set_user_attr(key, value)
         record = launch_run(
             cfg,
             self.cluster,
@@ -343,9 +357,10 @@ class SweepController:
             eval_plan=self._eval_plan(cfg, est),
         )
         crash_point("after-launch-record")
-        storage.set_trial_user_attr(trial._trial_id, "job_ids", record.job_ids)
+        write_estimate(record.run_dir, estimate, est)
+        trial.set_user_attr("job_ids", record.job_ids)
         self.active[trial.number] = {
-            "trial_id": trial._trial_id,
+            "trial": trial,
             "run_dir": record.run_dir,
             "estimate_usd": est,
             "reported": set(),
@@ -360,18 +375,13 @@ class SweepController:
 
     def _follow(self, study: optuna.Study, number: int, info: dict[str, Any]) -> bool:
         """Report new rungs, prune, and tell a finished trial. True when the trial is over."""
-        from budget_lab.ledger import sync_run
-        from budget_lab.sweep import objective_values, report_fid, should_prune
-
         run_dir = Path(info["run_dir"])
-        trial_id = info["trial_id"]
-        storage = study._storage
+        trial: optuna.Trial = info["trial"]
         for row in self._new_rows(info, run_dir / "rungs.jsonl"):
             key = (row["kind"], row.get("rung_usd"))
             if key in info["reported"]:
                 continue
             info["reported"].add(key)
-            trial = optuna.trial.Trial(study, trial_id)
             se = row.get("fid_se")
             if row["kind"] == "usd":
                 report_fid(trial, row["fid"], row["cost_usd"], rung_usd=row["rung_usd"], se=se)
@@ -379,11 +389,8 @@ class SweepController:
                 phase = row["kind"].split(":", 1)[1]
                 report_fid(trial, row["fid"], row["cost_usd"], phase=phase, se=se)
             if not info["pruned"] and should_prune(trial):
-                from budget_lab.train.trainer import request_stop_file
-
-                request_stop_file(
-                    run_dir, f"pruned at ${row['cost_usd']:.4f} (FID {row['fid']:.1f})"
-                )
+                reason = f"pruned at ${row['cost_usd']:.4f} (FID {row['fid']:.1f})"
+                request_stop_file(run_dir, reason, kind=CutKind.PRUNED)
                 info["pruned"] = True
                 self._say(
                     f"trial {number}: pruned at ${row['cost_usd']:.4f} ({row['kind']}, "
@@ -409,27 +416,27 @@ class SweepController:
         if self._spent_cache is not None:  # the sweep's figure gains what the trial spent since
             at, spent = self._spent_cache
             self._spent_cache = (at, spent + cost - info.get("seen_usd", 0.0))
-        storage.set_trial_user_attr(trial_id, "cost_usd", cost)
-        storage.set_trial_user_attr(trial_id, "status", st.state)
+        trial.set_user_attr("cost_usd", cost)
+        trial.set_user_attr("status", st.state)
         result = st.result or {}
         scores = result.get("eval") or {}
         if scores.get("fid") is None and (run_dir / "eval.json").is_file():
-            import json
-
             scores = json.loads((run_dir / "eval.json").read_text())
         fid = scores.get("fid")
-        budget_cut = str(result.get("cut_reason", "")).startswith("trial budget")
+        budget_cut = cut_kind(result) == CutKind.TRIAL_BUDGET
         if info.get("cap_killed"):
-            storage.set_trial_user_attr(trial_id, "cost_usd", cost)
-            storage.set_trial_user_attr(trial_id, "status", st.state)
-            storage.set_trial_user_attr(trial_id, "cut_reason", "budget cap reached (killed)")
+            trial.set_user_attr("cost_usd", cost)
+            trial.set_user_attr("status", st.state)
+            trial.set_user_attr("cut_reason", "budget cap reached (killed)")
             study.tell(number, state=TrialState.PRUNED)
             self._say(f"trial {number}: cut by the budget cap (killed), ${cost:.4f}")
             return True
+        if segments:  # what this settled trial really took refines the next estimates
+            learn_from_run(self.workspace, run_dir, self.cluster, self.ledger)
+            estimate = info.get("estimate_usd") or 0.0
+            if estimate > 0:
+                trial.set_user_attr("estimate_error", cost / estimate - 1)
         if st.state == "completed":  # measured throughput refines the next estimates
-            from budget_lab.ledger import calibrate_from_run
-            from budget_lab.ledger.calibration import device_of
-
             try:
                 calibrate_from_run(
                     self.workspace,
@@ -441,7 +448,7 @@ class SweepController:
                 pass
         if st.state == "completed" or (st.state == "cut" and budget_cut and fid is not None):
             for key, value in _score_attrs(scores).items():
-                storage.set_trial_user_attr(trial_id, key, value)
+                trial.set_user_attr(key, value)
             values = objective_values(self.spec, fid, cost, self._fid_ref(run_dir))
             study.tell(number, values)
             lo, hi = scores.get("fid_ci95") or (math.nan, math.nan)
@@ -450,11 +457,11 @@ class SweepController:
                 f"N={scores.get('num_samples')}, ${cost:.4f}"
             )
         elif st.state == "cut":
-            storage.set_trial_user_attr(trial_id, "cut_reason", result.get("cut_reason"))
+            trial.set_user_attr("cut_reason", result.get("cut_reason"))
             study.tell(number, state=TrialState.PRUNED)
             self._say(f"trial {number}: cut ({result.get('cut_reason')}), ${cost:.4f}")
         else:
-            storage.set_trial_user_attr(trial_id, "error", (st.error or st.state)[-1000:])
+            trial.set_user_attr("error", (st.error or st.state)[-1000:])
             study.tell(number, state=TrialState.FAIL)
             self._say(f"trial {number}: {st.state}, ${cost:.4f}: {(st.error or '').strip()[-200:]}")
         return True
@@ -479,16 +486,13 @@ class SweepController:
         sweeps/<name>/fid_ref.json."""
         if self.spec.objective != "fid_per_dollar":
             return None
-        import json
-
+        # Imported here: scoring a model imports torch (only fid_per_dollar sweeps need it).
         import torch
 
-        from budget_lab.config import model_config, run_config_from_dict
         from budget_lab.eval.evaluate import score_model
-        from budget_lab.io import atomic_write_json
         from model.microdit import MicroDiT
 
-        cfg = run_config_from_dict(yaml_load(run_dir / "config.yaml"))
+        cfg = run_config_from_dict(yaml_load((run_dir / "config.yaml").read_text()))
         key = f"{cfg.data.path}|{cfg.eval.fid_samples}|{cfg.eval.sampler_steps}|{cfg.model}"
         path = self.workspace.sweep_dir(self.spec.name) / "fid_ref.json"
         refs = json.loads(path.read_text()) if path.is_file() else {}
@@ -507,38 +511,106 @@ class SweepController:
         return f"sweep:{self.spec.name}"
 
     def _running_jobs(self):
-        """The active trials as the budget guard sees them: burn rate and stop latency."""
-        from budget_lab.ledger import RunningJob
-
+        """The active trials as the budget cap's policy sees them: burn rate and step time (a
+        STOP is seen at the next step; one not obeyed within a step plus KILL_GRACE_S is killed)."""
         jobs = []
         for info in self.active.values():
             run_dir = Path(info["run_dir"])
             record_devices = max(self._gpus(), 1)
             rate = self.cluster.price.usd_per_gpu_hour * record_devices
-            # A STOP is seen at the next step; a job that has not ended within that step plus
-            # KILL_GRACE_S (inside an FID, say) is killed: that is the stop latency promised.
-            latency = _step_seconds(run_dir) + KILL_GRACE_S + self.poll_s
             jobs.append(
-                RunningJob(
+                CapJob(
                     run=run_dir.name,
                     usd_per_hour=rate,
-                    stop_latency_s=latency,
+                    step_s=_step_seconds(run_dir),
                     started_at=info.get("launched_at", 0.0),
                     stopping=bool(info.get("stopping")),
                 )
             )
         return jobs
 
+    def plan(self) -> dict[str, Any]:
+        """What `run()` would do, priced and launching nothing (`budget-lab sweep --dry-run`): the
+        trials (every grid point, or the sampler's trial count priced at the base config), the
+        phases of a trial, cluster and slots, $ and wall hours per trial and in total against the
+        budget, from the same estimates (and calibration) the launches use. No study is opened."""
+        spec = self.spec
+        trials: list[dict[str, Any]] = []
+        if spec.sampler == "grid":
+            space = grid_search_space(spec)
+            points = list(itertools.product(*space.values()))
+            for values in points[: self.n_trials]:
+                params = dict(zip(space, values, strict=True))
+                trials.append({"params": params, **self._plan_trial(params)})
+            count = len(trials)
+        else:
+            count = self.n_trials
+            trials.append({"params": {}, **self._plan_trial({})})
+        each = trials[0]
+        total_usd = sum(t["usd"] for t in trials) * (count if spec.sampler != "grid" else 1)
+        total_wall_h = sum(t["wall_hours"] for t in trials) * (
+            count if spec.sampler != "grid" else 1
+        )
+        price = self.cluster.price
+        source = {
+            "fixed": f"fixed ${price.usd_per_gpu_hour:.4g}/device-hour",
+            "on_demand": f"on-demand catalog ${price.usd_per_gpu_hour:.4g}/GPU-hour",
+            "spot": f"spot catalog ${price.usd_per_gpu_hour:.4g}/GPU-hour (the ledger charges "
+            "the AWS spot history)",
+        }.get(str(price.kind), str(price.kind))
+        if not trials or not isinstance(each.get("usd"), float):
+            raise ConfigError(f"sweep {spec.name}: no trial configuration composes")
+        return {
+            "sweep": spec.name,
+            "objective": spec.objective,
+            "sampler": spec.sampler,
+            "trials": count,
+            "trial_plans": trials,
+            "phases": each["phases"],
+            "cluster": self.cluster.name,
+            "slots": spec.slots,
+            "gpus_per_trial": max(self._gpus(), 1),
+            "price_source": source,
+            "total_usd": total_usd,
+            "wall_hours": total_wall_h / max(spec.slots, 1),
+            "budget_usd": self.budget_usd,
+        }
+
+    def _trial_usd(self, estimate) -> float:
+        """What a trial is expected to cost: its estimate, or for fid_at_budget (steps sized to
+        spend the trial budget, then stopped at it) the budget plus what follows the stop (the
+        final FID and the job's tail)."""
+        est = estimate.cost_usd
+        if self.spec.objective == "fid_at_budget" and self.spec.trial_budget_usd:
+            split = estimate.by_activity_usd
+            after = split.get("eval", 0.0) / max(estimate.fid_evals, 1) + split.get("other", 0.0)
+            est = self.spec.trial_budget_usd + after  # sized steps run out after the budget
+        return est
+
+    def _plan_trial(self, params: dict[str, Any]) -> dict[str, Any]:
+        """One trial of the plan: its phases and its estimate ($, wall hours, by activity)."""
+        cfg = self._trial_config(params)
+        estimate = self._estimate(cfg, measure=False)
+        usd = self._trial_usd(estimate)
+        split = dict(estimate.by_activity_usd)
+        if usd != estimate.cost_usd:  # a budget-sized trial trains for what the rest leaves
+            split["train"] = max(usd - (sum(split.values()) - split["train"]), 0.0)
+        wall = usd / max(estimate.usd_per_gpu_hour * estimate.gpus, 1e-12)
+        if estimate.usd_per_gpu_hour <= 0:
+            wall = estimate.wall_hours
+        return {
+            "usd": float(usd),
+            "wall_hours": float(wall),
+            "by_activity_usd": split,
+            "phases": [f"{p.name} ({p.steps} steps x {p.batch_size})" for p in estimate.phases],
+            "sources": sorted({p.source for p in estimate.phases}),
+        }
+
     def _warm_up(self) -> None:
         """Before the first launch: the base config, and the cost estimate of each grid point (up
         to 64 of them), so that what an estimate computes once (a FLOP count for a mask ratio with
         no calibration of its own: torch imported, the model traced, ~0.3 s each) is not paid
         inside a trial's launch. Other samplers pay it at the first trial of each new value."""
-        import itertools
-
-        from budget_lab.errors import ConfigError
-        from budget_lab.sweep import grid_search_space
-
         if self.spec.sampler != "grid":
             return
         space = grid_search_space(self.spec)
@@ -553,11 +625,12 @@ class SweepController:
     def _prepare_eval(self) -> None:
         """The FID/KID reference of the trials' data and the alignment reader, made once here
         (cached beside the data) rather than inside the first trial, which would pay for them."""
+        # Imported here: the FID reference imports torch (a sweep on a cluster does not need it).
         from budget_lab.eval.evaluate import prepare_references
 
         if self.cluster.executor != "local":
             return  # the data may live where only the cluster's nodes see it
-        cfg = self._recipe().compose(self.overrides)
+        cfg = self._trials().without_params()
         cfg.data.path = str(Path(cfg.data.path).resolve())
         if not (Path(cfg.data.path) / "manifest.json").is_file():
             return  # the trials fail with the data error; nothing to prepare
@@ -581,8 +654,6 @@ class SweepController:
 
     def _reattach(self, study: optuna.Study) -> None:
         """After a restart: follow RUNNING trials again; launch those that were never submitted."""
-        from budget_lab.launch import read_launch
-
         for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             name = self._run_name(frozen.number)
             run_dir = str((Path(self.workspace.runs_dir) / name).resolve())
@@ -594,29 +665,28 @@ class SweepController:
                 and bool(record.job_ids)
             )
             if not ours:  # asked, never submitted (the controller died in between)
-                trial = optuna.trial.Trial(study, frozen._trial_id)
+                trial = _live_trial(study, frozen)
                 if self.stop_reason is not None:  # the budget refused an earlier one
-                    study._storage.set_trial_user_attr(
-                        frozen._trial_id, "not_started", self.stop_reason
-                    )
-                    study.tell(frozen.number, state=TrialState.FAIL)
+                    trial.set_user_attr("not_started", self.stop_reason)
+                    study.tell(trial, state=TrialState.FAIL)
                     continue
                 self._say(f"trial {frozen.number}: launching (asked before a restart)")
                 self._launch(study, trial, dict(frozen.params))
                 continue
+            trial = _live_trial(study, frozen)
             if frozen.user_attrs.get("run_dir") is None:  # died between submission and link
-                study._storage.set_trial_user_attr(frozen._trial_id, "run", name)
-                study._storage.set_trial_user_attr(frozen._trial_id, "run_dir", run_dir)
+                trial.set_user_attr("run", name)
+                trial.set_user_attr("run_dir", run_dir)
             if frozen.user_attrs.get("job_ids") is None:
-                study._storage.set_trial_user_attr(frozen._trial_id, "job_ids", record.job_ids)
+                trial.set_user_attr("job_ids", record.job_ids)
                 # ids recovered from the submitit folder: into launch.json for every reader
                 atomic_write_json(Path(run_dir) / "launch.json", dataclasses.asdict(record))
             self.active[frozen.number] = {
-                "trial_id": frozen._trial_id,
+                "trial": trial,
                 "run_dir": run_dir,
                 "estimate_usd": frozen.user_attrs.get("estimate_usd", 0.0),
                 "reported": set(),
-                "pruned": (Path(run_dir) / "STOP").is_file(),
+                "pruned": read_stop(run_dir) is not None,  # asked to stop: not pruned again
             }
             self._say(f"trial {frozen.number}: re-attached to {Path(run_dir).name}")
 
@@ -624,9 +694,6 @@ class SweepController:
         """One controller per sweep: an exclusive lock on sweeps/<name>/controller.lock, held
         while this controller runs and released by the kernel when its process ends (even by
         SIGKILL). A second controller is refused with the holder's pid and host."""
-        import fcntl
-        import socket
-
         path = self.workspace.sweep_dir(self.spec.name) / "controller.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(path, "a+")  # noqa: SIM115 - held open for the controller's lifetime
@@ -655,16 +722,16 @@ class SweepController:
             lock.close()
 
     def _run(self) -> SweepSummary:
-        from budget_lab.ledger import BudgetGuard
-
         study = self._study()
         self._warm_up()
         self._prepare_eval()
-        guard = None
+        cap = None
         if self.budget_usd is not None:
-            guard = BudgetGuard(
+            cap = CapPolicy(
                 self.budget_usd,
-                check_interval_s=self.guard_s + self.poll_s,
+                poll_s=self.poll_s,
+                guard_s=self.guard_s,
+                kill_term_s=SLURM_KILL_WAIT_S if self.cluster.executor == "slurm" else KILL_TERM_S,
                 crossed=self.ledger.crossed_thresholds(self._scope),
             )
         if self.cluster.executor == "local" and self.spec.slots > 1:
@@ -673,17 +740,13 @@ class SweepController:
             os.environ["OMP_NUM_THREADS"] = str(per_job)
         with Listener() as wake:  # the jobs launched from here on wake the loop when a row lands
             self._reattach(study)
-            self._loop(study, guard, self._started(study), wake)
+            self._loop(study, cap, self._started(study), wake)
         if self.stop_reason is None:
             self.stop_reason = f"all {self.n_trials} trials done"
         return self.summarize(study)
 
-    def _loop(self, study: optuna.Study, guard, started: int, wake: Listener) -> None:
+    def _loop(self, study: optuna.Study, cap, started: int, wake: Listener) -> None:
         """Follow → refill → budget guard, then wait `poll_s` or until a job notifies."""
-        from budget_lab.sweep import suggest
-        from budget_lab.train.trainer import request_stop_file
-
-        next_guard = 0.0
         while True:
             # Follow the running ones: report rungs, prune, tell the ended ones.
             for number in list(self.active):
@@ -705,9 +768,10 @@ class SweepController:
                 started += 1
             # The budget cap: stop runs (at their next step, with a checkpoint) before the
             # spend can pass the cap by the next check; report 50 / 80 / 100 % once each.
-            if guard is not None and self.active and time.monotonic() >= next_guard:
-                next_guard = time.monotonic() + self.guard_s
-                decision = guard.check(self._spent(), self._running_jobs())
+            now = time.monotonic()
+            if cap is not None and self.active and cap.due(now):
+                check = cap.check(now, self._spent(), self._running_jobs())
+                decision = check.decision
                 for fraction in decision.crossed:
                     self.ledger.record_threshold(
                         self._scope, fraction, decision.spent_usd, self.budget_usd
@@ -716,43 +780,51 @@ class SweepController:
                         f"budget: {fraction:.0%} of ${self.budget_usd:.4f} reached "
                         f"(${decision.spent_usd:.4f} spent)"
                     )
-                for run in decision.stop:
+                for run, deadline in check.deadlines.items():
                     info = next(i for i in self.active.values() if Path(i["run_dir"]).name == run)
                     if not info.get("stopping"):
-                        request_stop_file(info["run_dir"], "budget cap reached")
-                        info["stopping"] = True
-                        info["stop_deadline"] = (
-                            time.monotonic() + _step_seconds(Path(info["run_dir"])) + KILL_GRACE_S
+                        request_stop_file(
+                            info["run_dir"], "budget cap reached", kind=CutKind.BUDGET_CAP
                         )
+                        info["stopping"] = True
+                        info["stop_deadline"] = deadline
                 if decision.stop and self.stop_reason is None:  # no new trial after a cut
                     self.stop_reason = (
                         f"budget cap: ${decision.spent_usd:.4f} spent of ${self.budget_usd:.4f}; "
                         f"{len(decision.stop)} running trial(s) cut at their next step"
                     )
                     self._say(self.stop_reason)
-            self._kill_overruns()
+            if cap is not None:
+                self._kill_overruns(cap)
             if not self.active and (self.stop_reason is not None or started >= self.n_trials):
                 return
             wake.wait(self.poll_s)
 
-    def _kill_overruns(self) -> None:
+    def _kill_overruns(self, cap) -> None:
         """A cap is a promise: a job asked to stop for the budget that is still running past its
         step time plus KILL_GRACE_S (in a rung or final FID, a checkpoint write, a hung step) is
-        cancelled (local: SIGTERM then SIGKILL; Slurm: scancel) and charged what it spent."""
-        from budget_lab.launch.status import cancel_run
-
-        now = time.monotonic()
-        for number, info in self.active.items():
-            deadline = info.get("stop_deadline")
-            if deadline is None or now < deadline or info.get("cap_killed"):
-                continue
-            st = run_status(Path(info["run_dir"]), scheduler=False)
-            if st.state in FINAL_STATES:
-                continue
-            cancel_run(info["run_dir"])
-            info["cap_killed"] = True
+        cancelled (local: SIGTERM then SIGKILL; Slurm: scancel) and charged what it spent. Each
+        kill runs in a thread of its own: the loop (the next budget check, the other deadlines)
+        never waits for a kill's SIGTERM -> SIGKILL delay."""
+        waiting = {
+            number: info["stop_deadline"]
+            for number, info in self.active.items()
+            if info.get("stop_deadline") is not None and not info.get("cap_killed")
+        }
+        overdue = [
+            number
+            for number in cap.overdue(time.monotonic(), waiting)
+            if run_status(Path(self.active[number]["run_dir"]), scheduler=False).state
+            not in FINAL_STATES
+        ]
+        for number in overdue:
+            run_dir = self.active[number]["run_dir"]
+            threading.Thread(
+                target=cancel_run, args=(run_dir,), name="cap-kill", daemon=True
+            ).start()
+            self.active[number]["cap_killed"] = True
             self._say(
-                f"trial {number}: killed, it did not stop within {KILL_GRACE_S:.0f} s of the "
+                f"trial {number}: killed, it did not stop within {cap.kill_grace_s:.0f} s of the "
                 f"budget cap's request"
             )
 
@@ -761,9 +833,6 @@ class SweepController:
     def summarize(self, study: optuna.Study | None = None) -> SweepSummary:
         """The sweep's trials and its decisions (budget_lab.sweep.decide): configurations merged
         over repeats, best and ties, tiers, the noise-aware front and the verdict in words."""
-        from budget_lab.sweep.decide import config_from_rows, decide, group_repeats
-        from budget_lab.sweep.spec import REPEAT_PARAM
-
         study = study or self._study()
         rows = []
         for t in study.get_trials(deepcopy=False):
@@ -776,6 +845,8 @@ class SweepController:
                     "params": dict(t.params),
                     **{k: t.user_attrs.get(k) for k in _SCORE_ATTRS},
                     "cost_usd": t.user_attrs.get("cost_usd", 0.0),
+                    "estimate_usd": t.user_attrs.get("estimate_usd"),
+                    "estimate_error": t.user_attrs.get("estimate_error"),
                     "run": t.user_attrs.get("run"),
                     "run_dir": t.user_attrs.get("run_dir"),
                     "values": list(t.values) if t.values else None,
@@ -794,6 +865,7 @@ class SweepController:
             config = config_from_rows(key, params, group, self.spec.objective, baseline)
             if config is not None:
                 configs.append(config)
+        pair_trials(configs, done, self.spec.objective)
         decision = decide(configs, self.spec.objective, self.spec.cost_tolerance)
         by_key = {c.key: c for c in configs}
         pareto = sorted(n for k in decision.front for n in by_key[k].trials)
@@ -821,6 +893,16 @@ class SweepController:
         )
 
 
+def _live_trial(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> optuna.Trial:
+    """The live `optuna.Trial` of a RUNNING trial that an earlier controller process asked for.
+
+    Optuna offers no public way back to it: a live Trial comes from `study.ask()` (always a new
+    trial) or from the constructor `Trial(study, trial_id)`, whose storage id a FrozenTrial holds
+    only privately (`_trial_id`). This is the one place that reads it; everything else sets
+    attributes with `Trial.set_user_attr` and ends a trial with `study.tell`."""
+    return optuna.trial.Trial(study, frozen._trial_id)
+
+
 def _config_dict(config) -> dict[str, Any]:
     """A scored configuration as plain data (summary.json, W&B)."""
     out = {
@@ -831,17 +913,14 @@ def _config_dict(config) -> dict[str, Any]:
         "cost_usd": config.cost_usd,
         "score": config.score.as_dict(),
         "alignment": None if config.alignment is None else config.alignment.as_dict(),
+        "paired": {k: m.as_dict() for k, m in config.paired.items()},
     }
     return out
 
 
-#: Seconds a job asked to stop for the budget cap may take beyond one training step before the
-#: controller kills it: the stated stop latency is one step + this + one poll.
-KILL_GRACE_S = 10.0
-
-
 def _step_seconds(run_dir: Path) -> float:
-    """Seconds per optimizer step of a run, from its metrics (5 s before the first row)."""
+    """Seconds per optimizer step of a run, from its metrics (UNMEASURED_STEP_S, 5 s, before
+    the first row)."""
     try:  # the last rows only: this runs at every budget-guard check of every running trial
         with open(run_dir / "metrics.jsonl", "rb") as f:
             start = max(f.seek(0, os.SEEK_END) - 4096, 0)
@@ -857,7 +936,7 @@ def _step_seconds(run_dir: Path) -> float:
             continue
     last = next((r for r in reversed(rows) if r.get("train_seconds") and r.get("step")), None)
     if last is None:
-        return 5.0
+        return UNMEASURED_STEP_S
     return float(last["train_seconds"]) / max(int(last["step"]), 1)
 
 
@@ -879,12 +958,6 @@ _SCORE_ATTRS = {
 
 def _score_attrs(scores: dict[str, Any]) -> dict[str, Any]:
     return {attr: scores.get(key) for attr, key in _SCORE_ATTRS.items() if key in scores}
-
-
-def yaml_load(path: Path) -> dict[str, Any]:
-    from budget_lab.io import yaml_load as load
-
-    return load(path.read_text())
 
 
 def _usd_per_step(cfg, estimate) -> list[float]:

@@ -3,7 +3,11 @@
 A sweep's trials are scored with intervals (`budget_lab.eval.stats.Measurement`). Whatever the
 sweep decides rests only on differences larger than the noise:
 
-* **tied**: two scores whose 95 % intervals overlap are not told apart;
+* **tied**: two scores whose 95 % intervals overlap are not told apart, unless a *paired*
+  comparison tells them apart: two trials that sampled the same captions with the same noise
+  (same N, seed and sampler) share much of their sampling noise, and the interval of their FID
+  difference (`budget_lab.eval.stats.paired_fid_difference`) is narrower than the two intervals
+  side by side; where one exists, FIDs are apart when it excludes 0 (`Config.paired`);
 * **best**: the configuration with the best score, reported together with every configuration
   tied with it (its interval overlaps the best one's);
 * **tiers**: the best configuration and those tied with it form tier 1; the same rule on the rest
@@ -27,14 +31,24 @@ configurations.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from budget_lab.eval.measurement import Measurement, mean_over_repeats
 from budget_lab.units import usd
 
-__all__ = ["Config", "Decision", "decide", "group_repeats", "tiers", "robust_front"]
+__all__ = [
+    "Config",
+    "Decision",
+    "attach_paired",
+    "pair_trials",
+    "decide",
+    "fid_apart",
+    "group_repeats",
+    "tiers",
+    "robust_front",
+]
 
 
 @dataclass
@@ -49,6 +63,44 @@ class Config:
     cost_usd: float
     score: Measurement  # the objective's value, oriented so that lower is better
     alignment: Measurement | None = None
+    # Paired FID differences to other configurations (their key -> this FID minus theirs), from
+    # samples of the same captions and noise; single-trial configurations only.
+    paired: dict[str, Measurement] = field(default_factory=dict)
+
+
+def attach_paired(configs: Sequence[Config], pairs: dict[tuple[str, str], Measurement]) -> None:
+    """Give configurations their paired differences ({(a, b): FID_a - FID_b}, by config key)."""
+    by_key = {c.key: c for c in configs}
+    for (a, b), m in pairs.items():
+        if a in by_key and b in by_key:
+            by_key[a].paired[b] = m
+            by_key[b].paired[a] = Measurement(
+                -m.value, -m.hi, -m.lo, m.se, m.n, m.method, m.confidence
+            )
+
+
+def pair_trials(configs: Sequence[Config], rows: Sequence[dict[str, Any]], objective: str) -> None:
+    """Attach paired FID differences to single-trial configurations of a FID-valued objective,
+    from their runs' final evaluations (rows carry "number" and "run_dir"); repeats are compared
+    by their means, unpaired."""
+    if objective not in ("pareto", "fid_at_budget") or len(configs) < 2:
+        return
+    if any(len(c.trials) != 1 for c in configs):
+        return
+    from budget_lab.eval.evaluate import paired_differences  # torch: only when there is a pair
+
+    run_dirs = {r["number"]: r.get("run_dir") for r in rows}
+    folders = {c.key: run_dirs.get(c.trials[0]) for c in configs}
+    attach_paired(configs, paired_differences({k: v for k, v in folders.items() if v}))
+
+
+def fid_apart(a: Config, b: Config) -> bool:
+    """Whether the FIDs of two configurations differ beyond the noise: by their paired
+    difference where there is one (its interval excludes 0), else by non-overlapping intervals."""
+    m = a.paired.get(b.key)
+    if m is not None:
+        return m.lo > 0 or m.hi < 0
+    return not a.fid.overlaps(b.fid)
 
 
 @dataclass
@@ -69,14 +121,20 @@ class Decision:
         return len(self.tiers) >= 2
 
 
-def tiers(scores: Sequence[Measurement]) -> list[list[int]]:
-    """Indices in tiers: the lowest score and every score whose interval overlaps its interval,
-    then the same on what is left (lower is better)."""
+def tiers(
+    scores: Sequence[Measurement], apart: Callable[[int, int], bool] | None = None
+) -> list[list[int]]:
+    """Indices in tiers: the lowest score and every score not apart from it (default: whose
+    interval overlaps its interval), then the same on what is left (lower is better)."""
+
+    def overlap_apart(i: int, j: int) -> bool:
+        return not scores[i].overlaps(scores[j])
+
+    apart = apart or overlap_apart
     left = sorted(range(len(scores)), key=lambda i: (scores[i].value, i))
     out = []
     while left:
-        lead = scores[left[0]]
-        tier = [i for i in left if scores[i].overlaps(lead)]
+        tier = [i for i in left if i == left[0] or not apart(i, left[0])]
         out.append(tier)
         left = [i for i in left if i not in tier]
     return out
@@ -88,16 +146,25 @@ def _cost_better(a: float, b: float, tolerance: float) -> bool:
 
 
 def robust_front(
-    fids: Sequence[Measurement], costs: Sequence[float], cost_tolerance: float
+    fids: Sequence[Measurement],
+    costs: Sequence[float],
+    cost_tolerance: float,
+    fid_apart: Callable[[int, int], bool] | None = None,
 ) -> tuple[list[int], list[list[int]]]:
     """(front, indistinguishable groups) of (FID interval, $) points, both minimised: see the
     module docstring. The front is sorted by cost; groups hold front indices that no difference
-    beyond the noise separates (each group has two or more points)."""
+    beyond the noise separates (each group has two or more points). `fid_apart(i, j)`: whether
+    two FIDs differ beyond the noise (default: non-overlapping intervals)."""
     n = len(fids)
 
+    def overlap_apart(i: int, j: int) -> bool:
+        return not fids[i].overlaps(fids[j])
+
+    apart_fid = fid_apart or overlap_apart
+
     def clearly_dominates(i: int, j: int) -> bool:
-        fid_better = fids[i].hi < fids[j].lo
-        fid_worse = fids[j].hi < fids[i].lo
+        fid_better = fids[i].value < fids[j].value and apart_fid(i, j)
+        fid_worse = fids[j].value < fids[i].value and apart_fid(i, j)
         cost_better = _cost_better(costs[i], costs[j], cost_tolerance)
         cost_worse = _cost_better(costs[j], costs[i], cost_tolerance)
         return not fid_worse and not cost_worse and (fid_better or cost_better)
@@ -106,11 +173,11 @@ def robust_front(
     front.sort(key=lambda k: (costs[k], fids[k].value, k))
 
     def apart(i: int, j: int) -> bool:
-        fid_apart = not fids[i].overlaps(fids[j])
+        fid_differs = apart_fid(i, j)
         cost_apart = _cost_better(costs[i], costs[j], cost_tolerance) or _cost_better(
             costs[j], costs[i], cost_tolerance
         )
-        return fid_apart or cost_apart
+        return fid_differs or cost_apart
 
     groups: list[list[int]] = []
     for i in front:  # union of "not apart" pairs, in front order
@@ -144,11 +211,16 @@ def decide(configs: list[Config], objective: str, cost_tolerance: float = 0.1) -
         return decision
     by_key = {c.key: c for c in configs}
     scores = [c.score if objective != "pareto" else c.fid for c in configs]
-    ranked = [[configs[i].key for i in tier] for tier in tiers(scores)]
+
+    def apart(i: int, j: int) -> bool:  # FID-valued objectives may use paired differences
+        return fid_apart(configs[i], configs[j])
+
+    on_fid = objective in ("pareto", "fid_at_budget")
+    ranked = [[configs[i].key for i in tier] for tier in tiers(scores, apart if on_fid else None)]
     decision.tiers = ranked
     if objective == "pareto":
         front, groups = robust_front(
-            [c.fid for c in configs], [c.cost_usd for c in configs], cost_tolerance
+            [c.fid for c in configs], [c.cost_usd for c in configs], cost_tolerance, apart
         )
         decision.front = [configs[i].key for i in front]
         decision.indistinguishable = [[configs[i].key for i in g] for g in groups]
@@ -156,9 +228,7 @@ def decide(configs: list[Config], objective: str, cost_tolerance: float = 0.1) -
         best = min(front, key=lambda i: (configs[i].fid.value, configs[i].cost_usd))
         decision.best = configs[best].key
         decision.tied_with_best = [
-            configs[i].key
-            for i in front
-            if i != best and configs[i].fid.overlaps(configs[best].fid)
+            configs[i].key for i in front if i != best and not fid_apart(configs[i], configs[best])
         ]
     else:
         # One objective: its "front" is the best configuration and those tied with it.
@@ -199,15 +269,25 @@ def _verdict(d: Decision, by_key: dict[str, Config], objective: str, tolerance: 
     if len(d.tiers) >= 2:
         parts = [f"tier {n}: " + ", ".join(t) for n, t in enumerate(d.tiers, 1)]
         lines.append(
-            "Separated into groups, best first (each group's best is apart beyond the noise, "
-            "non-overlapping 95% intervals, from the best of the group above): "
-            + " | ".join(parts)
-            + "."
+            "Separated into groups, best first (each group's best is apart beyond the noise "
+            "from the best of the group above: non-overlapping 95% intervals, or a paired 95% "
+            "interval of the FID difference that excludes 0): " + " | ".join(parts) + "."
         )
     else:
         lines.append(
             "Could not tell the configurations apart: every interval overlaps the best one's "
             "(more samples, more repeats or larger differences are needed)."
+        )
+    if best is not None and best.paired and objective in ("pareto", "fid_at_budget"):
+        diffs = [
+            f"{best.key} minus {k}: {m.text()}"
+            + (" (apart)" if m.lo > 0 or m.hi < 0 else " (includes 0: tied)")
+            for k, m in best.paired.items()
+            if k in by_key
+        ]
+        lines.append(
+            "Paired FID differences (same captions and sampler noise, N = "
+            f"{best.fid.n}): " + "; ".join(diffs) + "."
         )
     not_told = [t for t in d.tiers if len(t) > 1]
     if not_told:

@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 import optuna
-from optuna.storages.journal import JournalFileSymlinkLock
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
 from budget_lab.errors import ConfigError
 
@@ -99,9 +100,6 @@ def open_storage(storage: str) -> optuna.storages.BaseStorage | str:
     or the URL itself (Optuna builds its cached RDB storage from it)."""
     if not is_journal(storage):
         return storage
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
     check_storage(storage)
     path = _journal_path(storage)
     _drop_torn_line(path)

@@ -29,44 +29,48 @@ from typing import Any
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from budget_lab.config import RunConfig, edm_config, model_config, run_config_to_dict
+from budget_lab.config import (
+    RunConfig,
+    edm_config,
+    model_config,
+    run_config_from_dict,
+    run_config_to_dict,
+)
 from budget_lab.config.schema import PhaseConfig
 from budget_lab.errors import ConfigError, DataError, TrainingError, UserError
 from budget_lab.io import atomic_write_json, atomic_write_text, yaml_dump, yaml_load
+from budget_lab.launch.activity import ActivityLog
+from budget_lab.rundir import STOP_FILE, StopRequest, read_stop, request_stop_file
 from budget_lab.train.checkpoint import CheckpointStore
 from model.edm import EDMConfig, EDMPrecond, edm_loss
-from model.microdit import MicroDiT
+from model.microdit import BatchRandom, MicroDiT, batch_draw
 
 __all__ = ["Trainer", "read_result", "lr_factor", "request_stop_file", "STOP_FILE"]
 
 _RESULT = "result.json"
-#: A file a controller drops into a run folder to stop it at the next step, with a checkpoint
-#: (a budget cap, a pruned sweep trial). Its JSON says why; the run ends with status "cut".
-STOP_FILE = "STOP"
 
 
-def lr_factor(phase: PhaseConfig, step: int) -> float:
-    """Learning-rate multiplier at optimizer step `step` (0-based) of a phase."""
+def lr_factor(phase: PhaseConfig, step: int, budget_progress: float | None = None) -> float:
+    """Learning-rate multiplier at optimizer step `step` (0-based) of a phase.
+
+    `budget_progress` (0..1), for a phase that ends at a dollar figure (a sweep's equal-dollar
+    trials), is how much of the phase's dollars are spent: the decay follows the further along of
+    it and the step count, so a phase that ends at its budget before its step count still ends
+    its cosine at `min_lr_ratio`."""
     if step < phase.warmup_steps:
         return (step + 1) / phase.warmup_steps
     if phase.schedule == "constant":
         return 1.0
     span = max(phase.steps - phase.warmup_steps, 1)
     progress = min((step - phase.warmup_steps) / span, 1.0)
+    if budget_progress is not None:
+        progress = max(progress, min(budget_progress, 1.0))
     return phase.min_lr_ratio + (1 - phase.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def read_result(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     path = Path(run_dir) / _RESULT
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def request_stop_file(run_dir: str | os.PathLike[str], reason: str) -> Path:
-    """Ask a running (or queued) run to checkpoint and stop with status "cut", from any process
-    on any machine that shares the run folder."""
-    path = Path(run_dir) / STOP_FILE
-    atomic_write_json(path, {"reason": reason, "time": time.time()})
-    return path
 
 
 class Trainer:
@@ -81,6 +85,7 @@ class Trainer:
         cost_fn: Callable[[], dict[str, float]] | None = None,
         step_callback: Callable[[dict[str, Any]], None] | None = None,
         stop_after_phase: int | None = None,
+        activity: ActivityLog | None = None,
     ):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -97,12 +102,23 @@ class Trainer:
         self.step_callback = step_callback
         # Phases as separate (dependent) jobs: end with status "phase-completed" after this phase.
         self.stop_after_phase = stop_after_phase
+        # Set by a job whose phases end at a dollar figure (`lr_factor`'s budget_progress) after
+        # each step, for the current phase; None: the schedule follows the step count alone.
+        self.budget_progress: float | None = None
+        # The run's own clock (activity.jsonl): startup, train, checkpoint, sample_grid, idle
+        # spans. The job wrapper passes its own (opened at the segment's start, shared with its
+        # evals); otherwise the trainer keeps one from run() on and closes it when it returns.
+        self.activity = activity
+        self._own_activity = activity is None
         self.model_cfg = model_config(cfg)
         self.edm_cfg: EDMConfig = edm_config(cfg)
         self.store = CheckpointStore(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep)
         self._checkpoint_requested = threading.Event()
         self._phase_end_requested = threading.Event()
         self._stop_requested = threading.Event()
+        # Only the main process writes the run folder (result.json, config.yaml); set again from
+        # accelerate once it runs, from torch.distributed's RANK before.
+        self._main = int(os.environ.get("RANK", "0")) == 0
 
     # -- requests from signals or a job wrapper (submitit's checkpoint()) ----------------------------
 
@@ -127,6 +143,9 @@ class Trainer:
         path = self.run_dir / "config.yaml"
         if path.is_file():
             saved = yaml_load(path.read_text())
+            if isinstance(saved, dict) and saved != resolved:  # fields added since: defaults
+                with contextlib.suppress(ConfigError):
+                    saved = run_config_to_dict(run_config_from_dict(saved))
             if saved != resolved:
                 diff = sorted(
                     k for k in set(saved) | set(resolved) if saved.get(k) != resolved.get(k)
@@ -136,13 +155,14 @@ class Trainer:
                     f"{', '.join(diff)}); resume it with the same recipe and overrides, or use a new "
                     "--run-dir"
                 )
-        else:
+        elif self._main:
             atomic_write_text(path, yaml_dump(resolved))
 
     def _result(self, **fields: Any) -> dict[str, Any]:
         result = read_result(self.run_dir) or {}
         result.update(fields, run_dir=str(self.run_dir), updated_at=time.time())
-        atomic_write_json(self.run_dir / _RESULT, result)
+        if self._main:
+            atomic_write_json(self.run_dir / _RESULT, result)
         return result
 
     # -- the run ---------------------------------------------------------------------------------------
@@ -153,16 +173,20 @@ class Trainer:
 
         cfg = self.cfg
         self._prepare_run_dir()
-        if (self.run_dir / STOP_FILE).is_file():  # cut before it started (or while queued)
-            reason = _read_stop_reason(self.run_dir / STOP_FILE)
-            return self._result(status="cut", cut_reason=reason)
+        if self.activity is None:
+            self.activity = ActivityLog(self.run_dir, None)
+        stop = read_stop(self.run_dir)
+        if stop is not None:  # cut before it started (or while queued)
+            return self._result(status="cut", **stop.result_fields())
         use_gpu = torch.cuda.is_available()
         precision = cfg.mixed_precision
         if precision == "auto":
             precision = "bf16" if use_gpu else "no"
         accelerator = Accelerator(mixed_precision=precision, cpu=not use_gpu)
         device = accelerator.device
-        main = accelerator.is_main_process
+        main = self._main = accelerator.is_main_process
+        activity = self.activity
+        activity.enabled = activity.enabled and main
 
         # Model, EMA and the noise generator; everything random is seeded from cfg.seed.
         torch.manual_seed(cfg.seed)
@@ -173,8 +197,10 @@ class Trainer:
         net = net.to(device)
         if ema is not None:
             ema = ema.to(device)
+        # The same noise generator on every rank: each draws the noise of the whole global batch
+        # and keeps its samples' rows (`BatchRandom`), so a run is the same on any world size.
         gen = torch.Generator(device=device)
-        gen.manual_seed(cfg.seed * 1000 + accelerator.process_index)
+        gen.manual_seed(cfg.seed * 1000)
 
         state = {
             "phase": 0,
@@ -211,18 +237,30 @@ class Trainer:
                     f"(phase {state['phase']}, step {state['global_step']})",
                     flush=True,
                 )
+                saved_world = ckpt.get("world_size", 1)
+                if saved_world != accelerator.num_processes:
+                    print(
+                        _world_size_change_note(saved_world, accelerator.num_processes), flush=True
+                    )
+        if state["phase"] < len(cfg.phases):
+            activity.set_phase(cfg.phases[state["phase"]].name)
         self._result(status="running", segment=segment, started_at=time.time())
 
         # From here on, whatever happens ends in result.json (completed, failed, ...).
         status = "completed"
-        cut_reason: str | None = None
+        cut: StopRequest | None = None  # the STOP request this run obeys, once it saw one
         wandb_run = None
         old_handlers: dict[int, Any] = {}
         metrics_file = None
         bar = None
         try:
             precond = EDMPrecond(net, self.edm_cfg.sigma_data)
-            precond = accelerator.prepare_model(precond)
+            # FSDP: sharded after the (full) checkpoint is loaded; DDP: accelerate wraps it.
+            fsdp = cfg.distributed.strategy == "fsdp" and accelerator.num_processes > 1
+            if fsdp:
+                _fsdp_shard(net, ema)
+            else:
+                precond = accelerator.prepare_model(precond)
             step_fn = torch.compile(precond) if cfg.compile else precond
             moe_names = set(net.moe_parameter_names())
             total_steps = sum(p.steps for p in cfg.phases)
@@ -256,7 +294,8 @@ class Trainer:
                         f"micro_batch_size x devices = {micro} x {world}; pick a batch size that is"
                     )
                 accum = phase.batch_size // (micro * world)
-                loader = self._loader(phase, micro, accelerator)
+                saved_loader = phase_states["loader"] if phase_states is not None else None
+                loader = self._loader(phase, micro, accelerator, saved_loader)
 
                 # Fresh AdamW per phase (its own learning rate); MoE parameters at their own scale,
                 # no weight decay on norms and biases.
@@ -277,13 +316,20 @@ class Trainer:
                     eps=cfg.optim.eps,
                     foreach=True,
                 )
+                self.budget_progress = None  # the job sets it again after this phase's steps
                 scheduler = torch.optim.lr_scheduler.LambdaLR(
-                    optimizer, lambda s, ph=phase: lr_factor(ph, s)
+                    optimizer, lambda s, ph=phase: lr_factor(ph, s, self.budget_progress)
                 )
                 if phase_states is not None:
-                    optimizer.load_state_dict(phase_states["optimizer"])
+                    saved_optim = phase_states["optimizer"]
+                    if fsdp:  # the full state, cut into this rank's shards
+                        saved_optim = _shard_optimizer_state(saved_optim, optimizer)
+                    optimizer.load_state_dict(saved_optim)
                     scheduler.load_state_dict(phase_states["scheduler"])
-                    loader.load_state_dict(phase_states["loader"])
+                    # Exact unless the lanes had to change with the world size (then the loader
+                    # warns that it resumes at the same fraction of the epoch).
+                    exact = phase_states["loader"].get("lanes") == loader.lanes
+                    loader.load_state_dict(phase_states["loader"], strict=exact)
                 optimizer = accelerator.prepare_optimizer(optimizer)
                 P_mean = self.edm_cfg.P_mean if phase.P_mean is None else phase.P_mean
                 P_std = self.edm_cfg.P_std if phase.P_std is None else phase.P_std
@@ -292,16 +338,27 @@ class Trainer:
                     phase=phase, optimizer=optimizer, scheduler=scheduler, loader=loader
                 ) -> Path | None:
                     accelerator.wait_for_everyone()
-                    if not main:
-                        return None
+                    with activity.during("checkpoint"):
+                        parts = {
+                            "model": accelerator.unwrap_model(precond).net.state_dict(),
+                            "ema": ema.state_dict() if ema is not None else None,
+                            "optimizer": optimizer.state_dict(),
+                        }
+                        if fsdp:  # the full state, shard by shard (every rank takes part)
+                            parts = _gather_full(parts, keep=main)
+                        path = write_checkpoint(phase, parts, scheduler, loader) if main else None
+                    accelerator.wait_for_everyone()  # no rank goes on before it is on disk
+                    return path
+
+                def write_checkpoint(phase, parts, scheduler, loader) -> Path:
                     path = self.store.save(
                         state["global_step"],
                         {
                             "version": 1,
-                            "model": accelerator.unwrap_model(precond).net.state_dict(),
-                            "ema": ema.state_dict() if ema is not None else None,
+                            "model": parts["model"],
+                            "ema": parts["ema"],
                             "phase_states": {
-                                "optimizer": optimizer.state_dict(),
+                                "optimizer": parts["optimizer"],
                                 "scheduler": scheduler.state_dict(),
                                 "loader": loader.state_dict(),
                             },
@@ -312,6 +369,7 @@ class Trainer:
                             },
                             "segment": segment,
                             "phase_name": phase.name,
+                            "world_size": accelerator.num_processes,
                             **state,
                         },
                     )
@@ -329,23 +387,33 @@ class Trainer:
 
                 batches = iter(loader)
                 window_loss, window_steps, window_time = 0.0, 0, 0.0
+                if activity.activity != "idle":
+                    activity.switch("train", phase.name)
                 while state["phase_step"] < phase.steps:
                     t0 = time.perf_counter()
                     step_loss = 0.0
+                    step_rng = gen.get_state()
                     for micro_idx in range(accum):
                         batch = next(batches)
                         y = batch["latents"].to(device, non_blocking=True)
                         captions = batch["captions"].to(device, non_blocking=True)
                         caption_mask = batch["caption_mask"].to(device, non_blocking=True)
+                        # Every micro-batch of every rank draws the step's noise for the whole
+                        # global batch and keeps its rows (the samples' places in the step).
+                        gen.set_state(step_rng)
+                        rows = (batch["index"] % phase.batch_size).to(device)
+                        draws = BatchRandom(gen, rows, phase.batch_size)
                         # Caption dropout for classifier-free guidance: zeroed embeddings.
                         if cfg.optim.caption_dropout > 0:
                             drop = (
-                                torch.rand(y.shape[0], device=device, generator=gen)
+                                batch_draw(torch.rand, (y.shape[0],), device, draws)
                                 < cfg.optim.caption_dropout
                             )
                             captions = captions * (~drop).view(-1, 1, 1).to(captions.dtype)
                         sync = micro_idx == accum - 1
                         ctx = accelerator.no_sync(precond) if not sync else contextlib.nullcontext()
+                        if fsdp:  # reduce-scatter the gradients at the last micro-batch only
+                            net.set_requires_gradient_sync(sync)
                         with ctx, accelerator.autocast():
                             loss = edm_loss(
                                 step_fn,
@@ -355,7 +423,7 @@ class Trainer:
                                 phase.mask_ratio,
                                 P_mean,
                                 P_std,
-                                gen,
+                                draws,
                             )
                         accelerator.backward(loss / accum)
                         step_loss += loss.detach().float().item() / accum
@@ -388,6 +456,10 @@ class Trainer:
                         state["global_step"] % cfg.log_every == 0
                         or state["phase_step"] == phase.steps
                     ):
+                        if accelerator.num_processes > 1:  # the loss of the global batch
+                            window_loss = accelerator.reduce(
+                                torch.tensor(window_loss, device=device), reduction="mean"
+                            ).item()
                         row = {
                             "step": state["global_step"],
                             "phase": phase.name,
@@ -424,13 +496,19 @@ class Trainer:
                     if self.stop_at_step is not None and state["global_step"] >= self.stop_at_step:
                         self._stop_requested.set()
                     stop_file = self.run_dir / STOP_FILE
-                    if cut_reason is None and stop_file.is_file():
-                        cut_reason = _read_stop_reason(stop_file)
+                    if cut is None and stop_file.is_file():
+                        cut = read_stop(self.run_dir)
                         self._stop_requested.set()
+                        activity.switch("idle")  # what follows buys nothing: the run is cut
                     if accelerator.num_processes > 1:
                         # A signal reaches one rank (submitit checkpoints on rank 0 only): every
                         # rank must save and stop at the same step, so agree on the flags.
                         self._sync_requests(accelerator)
+                        if cut is None and self._stop_requested.is_set():
+                            # Another rank saw STOP first: this one ends "cut" with it too.
+                            if stop_file.is_file():
+                                cut = read_stop(self.run_dir)
+                                activity.switch("idle")
                     if self._phase_end_requested.is_set() and phase_idx < len(cfg.phases) - 1:
                         self._phase_end_requested.clear()
                         state["phase_step"] = phase.steps  # ended early: the phase counts as done
@@ -459,13 +537,21 @@ class Trainer:
                     if self._stop_requested.is_set() and not (
                         phase_done and phase_idx == len(cfg.phases) - 1
                     ):
-                        status = "interrupted" if cut_reason is None else "cut"
-                        extra = {} if cut_reason is None else {"cut_reason": cut_reason}
+                        status = "interrupted" if cut is None else "cut"
+                        extra = {} if cut is None else cut.result_fields()
                         return self._result(status=status, **extra, **state)
 
                 # End of phase: a sample grid from the EMA weights (cosmetic: never fails a run).
-                if main and cfg.eval.grid_size > 0:
-                    self._sample_grid(ema.module if ema is not None else net, phase, device)
+                if (main or fsdp) and cfg.eval.grid_size > 0:
+                    grid_net = ema.module if ema is not None else net
+                    if fsdp:  # rank 0 samples from a whole copy (every rank takes part)
+                        whole = _gather_full(grid_net.state_dict(), keep=main)
+                        grid_net = MicroDiT(self.model_cfg).to(device) if main else None
+                        if grid_net is not None:
+                            grid_net.load_state_dict(whole)
+                    if main:
+                        with activity.during("sample_grid", phase.name):
+                            self._sample_grid(grid_net, phase, device)
                 phase_states = None
                 if self.stop_after_phase is not None and phase_idx < len(cfg.phases) - 1:
                     if phase_idx >= self.stop_after_phase:  # the next phase is another job's
@@ -478,6 +564,10 @@ class Trainer:
             self._result(status="failed", error=error, **state)
             raise
         finally:
+            if self._own_activity:
+                activity.close()
+            else:  # the job goes on (final FID, end row): its own spans from here
+                activity.switch("other")
             if bar is not None:
                 bar.close()
             if metrics_file is not None:
@@ -488,7 +578,9 @@ class Trainer:
 
     # -- pieces ------------------------------------------------------------------------------------------
 
-    def _loader(self, phase: PhaseConfig, micro: int, accelerator):
+    def _loader(self, phase: PhaseConfig, micro: int, accelerator, saved: dict | None = None):
+        """The phase's loader. Its lanes: data.lanes, else the checkpoint's when they fit this
+        world size (so the data order carries over exactly), else world size x workers."""
         from budget_lab.data.loader import ShardLoader
 
         data_dir = Path(self.cfg.data.path)
@@ -499,9 +591,17 @@ class Trainer:
                 "data/synth --out data/synth-latents --vae pixel --text-encoder minilm`, or set "
                 "data.path=FOLDER"
             )
+        world, workers = accelerator.num_processes, max(self.cfg.data.num_workers, 1)
+        lanes = self.cfg.data.lanes
+        if lanes is None and saved is not None:
+            old = saved.get("lanes")
+            if old and old % (world * workers) == 0 and (micro * world) % old == 0:
+                lanes = old
         return ShardLoader(
             data_dir,
             split="train",
+            lanes=lanes if lanes is not None else world * workers,
+            global_batch=phase.batch_size,
             resolution=phase.resolution,
             batch_size=micro,
             seed=self.cfg.seed * 1000 + self.cfg.phases.index(phase),
@@ -561,9 +661,18 @@ class Trainer:
             return None
 
     def _sync_requests(self, accelerator) -> None:
+        # The job's dollar checks (phase end, budget progress) run on the main process only:
+        # every rank must follow them, or their learning rates and phases drift apart.
+        progress = self.budget_progress
         flags = torch.tensor(
-            [self._checkpoint_requested.is_set(), self._stop_requested.is_set()],
-            dtype=torch.float32,
+            [
+                self._checkpoint_requested.is_set(),
+                self._stop_requested.is_set(),
+                self._phase_end_requested.is_set(),
+                progress if (self._main and progress is not None) else 0.0,
+                float(self._main and progress is not None),
+            ],
+            dtype=torch.float64,
             device=accelerator.device,
         )
         flags = accelerator.reduce(flags, reduction="sum")
@@ -571,6 +680,10 @@ class Trainer:
             self._checkpoint_requested.set()
         if flags[1] > 0:
             self._stop_requested.set()
+        if flags[2] > 0:
+            self._phase_end_requested.set()
+        if flags[4] > 0:
+            self.budget_progress = float(flags[3])
 
     def _install_signal_handlers(self) -> dict[int, Any]:
         """SIGUSR1: checkpoint now; SIGTERM / SIGINT: checkpoint and stop. Main thread only."""
@@ -589,8 +702,65 @@ class Trainer:
             signal.signal(sig, handler)
 
 
-def _read_stop_reason(path: Path) -> str:
-    try:
-        return str(json.loads(path.read_text()).get("reason", "stop requested"))
-    except (OSError, ValueError):
-        return "stop requested"
+def _fsdp_shard(net: MicroDiT, ema: AveragedModel | None) -> None:
+    """torch FSDP2 over every rank: one shard unit per transformer block (the patch mixer's too),
+    then the rest (embedders, final layer). Each parameter is split along its first axis, so the
+    MoE experts' w1 (E, D, F) and w2 (E, F, D) split by expert. The EMA copy is sharded alike, so
+    that its update pairs each rank's shards; parameter names do not change (the MoE learning-rate
+    group still finds its own)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for model in (net, ema.module if ema is not None else None):
+        if model is None:
+            continue
+        blocks = list(model.blocks) + (list(model.mixer.blocks) if model.mixer is not None else [])
+        for block in blocks:
+            fully_shard(block)
+        fully_shard(model)
+
+
+def _gather_full(obj: Any, keep: bool) -> Any:
+    """`obj` (a state dict, nested) with each sharded tensor (DTensor) gathered whole onto the CPU:
+    the checkpoint stays the same at any world size and with or without FSDP. A collective: every
+    rank calls it on the same structure; ranks with keep=False drop each gathered tensor at once
+    (None in its place), so they never hold the whole state."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(obj, DTensor):
+        whole = obj.full_tensor()
+        return whole.cpu() if keep else None
+    if isinstance(obj, dict):
+        return {k: _gather_full(v, keep) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_gather_full(v, keep) for v in obj)
+    return obj
+
+
+def _shard_optimizer_state(full: dict[str, Any], optimizer) -> dict[str, Any]:
+    """A whole optimizer state dict (a checkpoint's) cut like `optimizer`'s sharded parameters:
+    each per-parameter tensor of the parameter's shape (AdamW's moments) becomes this rank's shard;
+    scalars (the step) stay. A collective, like `_gather_full`."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {}
+    for i, entry in full["state"].items():
+        p = params[int(i)]
+        state[i] = {
+            k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+            if isinstance(p, DTensor) and torch.is_tensor(v) and v.shape == p.shape
+            else v
+            for k, v in entry.items()
+        }
+    return {**full, "state": state}
+
+
+def _world_size_change_note(saved: int, now: int) -> str:
+    """What carries over when a checkpoint moves to another world size, and what does not."""
+    return (
+        f"note: the checkpoint was written at world size {saved}, this run has {now}. The global "
+        "batch of every phase, the data order (when data.lanes fits both world sizes; otherwise "
+        "the loader says it resumes approximately), the noise, optimizer and EMA state carry over "
+        "exactly; the gradients are summed in another order, so the weights follow the "
+        f"world-size-{saved} run within float rounding, not bit for bit"
+    )
