@@ -4,7 +4,7 @@
 #   budget-lab sweep mask_ratio
 #
 # two `nano` trials, mask ratio 0 and 0.75, on this machine (local executor), each spending the
-# same $0.008 of the machine (a masked pretraining, then an unmasked finetune), judged on real
+# same $0.005 of the machine (a masked pretraining, then an unmasked finetune), judged on real
 # Inception FID at N = 256 with its 95% interval (and the two trials' paired difference), KID and
 # the built-in data's text alignment: Optuna study in a journal file, the dollar ledger in SQLite,
 # W&B offline, the built-in synthetic captioned data made on first use. It prints the trials,

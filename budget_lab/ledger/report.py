@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 
 from budget_lab.errors import ConfigError
 from budget_lab.ledger.store import ReportRow
+from budget_lab.units import usd
 
 __all__ = ["FORMATS", "format_report", "report_totals"]
 
@@ -75,14 +76,18 @@ def format_report(rows: list[ReportRow], *, by: str, fmt: str = "table", title: 
     # runs; this stays well under a second at 100,000 segments.
     header = [by, "segments", "GPU-hours", "cost $", "useful $", "wasted $", "price sources"]
     digits = 2 if total.cost_usd >= 10 else 4  # a CPU demo costs cents: show them
+
+    def money(x: float) -> str:  # a sub-cent part never reads 0.0000 (three significant digits)
+        return f"{x:,.2f}" if digits == 2 else usd(x).removeprefix("$")
+
     body = []
     for r in [*rows, total]:
         sources = ", ".join(r.price_sources)
         if r.estimated_usd > 0:
             sources += f" (${r.estimated_usd:,.2f} estimated)"
         body.append(
-            [r.group, f"{r.segments:,}", f"{r.gpu_hours:,.{digits}f}", f"{r.cost_usd:,.{digits}f}",
-             f"{r.useful_usd:,.{digits}f}", f"{r.wasted_usd:,.{digits}f}", sources]
+            [r.group, f"{r.segments:,}", f"{r.gpu_hours:,.{digits}f}", money(r.cost_usd),
+             money(r.useful_usd), money(r.wasted_usd), sources]
         )  # fmt: skip
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
 
