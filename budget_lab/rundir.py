@@ -1,6 +1,10 @@
 """The run folder's shared records, read and written by every part that follows a run.
 
-For now, the stop request: a `STOP` file that a controller drops into a run folder (a budget
+The launch record: `launch.json`, where a run went (cluster, executor, submitit folder, job ids),
+written by the launcher before it submits (`budget_lab.launch.submit`) and read by status,
+the ledger and the sweep (`read_launch`).
+
+The stop request: a `STOP` file that a controller drops into a run folder (a budget
 cap, a pruned sweep trial, a trial that reached its own budget) to stop the run at its next step,
 with a checkpoint. Its JSON says what kind of stop it is and why, in words:
 
@@ -18,7 +22,7 @@ import json
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,10 @@ from typing import Any
 from budget_lab.io import atomic_write_json
 
 __all__ = [
+    "LAUNCH_FILE",
+    "LaunchRecord",
+    "read_launch",
+    "recover_job_ids",
     "STOP_FILE",
     "CutKind",
     "PLANNED_CUTS",
@@ -34,6 +42,52 @@ __all__ = [
     "read_stop",
     "cut_kind",
 ]
+
+#: Where a run went, in its run folder (see the module's docstring).
+LAUNCH_FILE = "launch.json"
+
+
+@dataclass
+class LaunchRecord:
+    """What `launch.json` in the run folder says about where the run went."""
+
+    run: str
+    run_dir: str
+    cluster: str
+    executor: str
+    launch_id: str
+    submitit_folder: str
+    job_ids: list[str]
+    nodes: int
+    gpus_per_node: int
+    tasks_per_node: int
+    sweep: str | None = None
+    trial: int | None = None
+    created_at: float = field(default_factory=time.time)
+    cluster_file: str | None = None  # the cluster YAML it was launched with (a path or a name)
+
+
+def read_launch(run_dir: str | os.PathLike[str]) -> LaunchRecord | None:
+    """The run folder's launch record; None when the run was not launched (`budget-lab train`)."""
+    path = Path(run_dir) / LAUNCH_FILE
+    if not path.is_file():
+        return None
+    record = LaunchRecord(**json.loads(path.read_text()))
+    if not record.job_ids:  # written before a submission that did not return: what went out?
+        record.job_ids = recover_job_ids(record)
+    return record
+
+
+def recover_job_ids(record: LaunchRecord) -> list[str]:
+    """The ids of the jobs a launch submitted, from its submitit folder (`<id>_submitted.pkl`,
+    written once the scheduler gave the id): for a launch record written before its submission
+    returned. Empty when nothing was submitted."""
+    folder = Path(record.submitit_folder)
+    if not folder.is_dir():
+        return []
+    ids = {p.name.removesuffix("_submitted.pkl") for p in folder.glob("*_submitted.pkl")}
+    return sorted(ids, key=lambda i: (len(i), i))
+
 
 #: The stop request's file in a run folder (see the module's docstring).
 STOP_FILE = "STOP"

@@ -148,8 +148,8 @@ def test_an_overdue_job_is_killed_for_real_without_holding_up_the_controller(
 
     from budget_lab.launch import launch_run, run_status
     from budget_lab.launch.cluster import load_cluster
+    from budget_lab.launch.job import pid_alive as _pid_alive
     from budget_lab.launch.job import segment_rows
-    from budget_lab.launch.status import _pid_alive
     from budget_lab.sweep import load_sweep
     from budget_lab.sweep.controller import SweepController
     from budget_lab.workspace import Workspace

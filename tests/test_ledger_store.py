@@ -346,3 +346,37 @@ def test_cost_report_over_100k_segments_takes_under_a_second(tmp_path):
             assert best <= 1.0, f"cost report --by {by} took {best:.2f} s over 100,000 segments"
         assert len(rows) == 90 and "total" in text
         assert ledger.wasted() == pytest.approx(0.5 * 10_000)
+
+
+def test_cost_report_by_run_and_trial_shows_what_the_money_bought(tmp_path, capsys):
+    """A run's or trial's row carries its final FID with interval and N (its eval.json); a
+    grouping without a score (phase) has no such column; csv and json carry the figures."""
+    import json
+
+    from budget_lab.cli import main
+
+    ws = Workspace(tmp_path / "ws")
+    with Ledger.for_workspace(ws) as ledger:
+        ledger.upsert_segments(
+            [
+                seg("a", run="mr-000", sweep="mr", trial=0, phase="finetune", cluster="local"),
+                seg("b", run="mr-001", sweep="mr", trial=1, phase="finetune", cluster="local"),
+            ]
+        )
+    scored = {"fid": 231.02, "fid_ci95": [225.09, 236.96], "num_samples": 256}
+    (ws.run_dir("mr-000")).mkdir(parents=True)
+    (ws.run_dir("mr-000") / "eval.json").write_text(json.dumps(scored))
+    root = ["--workspace", str(ws.root)]
+    assert main(["cost", "report", "--by", "trial", *root]) == 0
+    out = capsys.readouterr().out
+    assert "FID [95% CI] N" in out and "231.0 [225.1, 237.0] N=256" in out
+    assert "mr#1" in out and "—" in out  # a trial not evaluated says so
+    assert main(["cost", "report", "--by", "run", "--format", "csv", *root]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("fid,fid_ci95_lo,fid_ci95_hi,fid_n")
+    assert lines[1].startswith("mr-000,") and lines[1].endswith("231.02,225.09,236.96,256")
+    assert main(["cost", "report", "--by", "run", "--format", "json", *root]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert rows[0]["score"]["fid_n"] == 256 and rows[1]["score"] is None
+    assert main(["cost", "report", "--by", "phase", *root]) == 0
+    assert "FID" not in capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import textwrap
@@ -192,13 +193,43 @@ def _report(args: argparse.Namespace) -> int:
         return 0
     title = f"cost by {args.by}" + (f", sweep {args.sweep}" if args.sweep else "")
     title += f", run {args.run}" if args.run else ""
-    text = format_report(rows, by=args.by, fmt=args.format, title=title)
+    scores = _scores(workspace, args.by, rows)
+    text = format_report(rows, by=args.by, fmt=args.format, title=title, scores=scores)
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
     if args.run and args.format == "table":
         line = _estimate_line(workspace, args.run, sum(r.cost_usd for r in rows))
         if line:
             print(line)
     return 0
+
+
+def _scores(workspace: Workspace, by: str, rows) -> dict[str, dict] | None:
+    """By run or by sweep trial: what the money bought, each run's final FID with its interval
+    and N (its eval.json); None for the other groupings (a phase or a day has no score)."""
+    if by not in ("run", "trial"):
+        return None
+    scores = {}
+    for row in rows:
+        name = row.group
+        if by == "trial":  # "sweep#trial": the sweep names its runs <sweep>-<trial:03d>
+            sweep, _, trial = row.group.partition("#")
+            if not trial.isdigit():
+                continue
+            name = f"{sweep}-{int(trial):03d}"
+        try:
+            result = json.loads((workspace.run_dir(name) / "eval.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(result, dict) or result.get("fid") is None:
+            continue
+        lo, hi = (result.get("fid_ci95") or [None, None])[:2]
+        scores[row.group] = {
+            "fid": result["fid"],
+            "fid_lo": lo,
+            "fid_hi": hi,
+            "fid_n": result.get("num_samples"),
+        }
+    return scores
 
 
 def _estimate_line(workspace: Workspace, run: str, settled: float) -> str | None:

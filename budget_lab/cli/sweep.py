@@ -335,32 +335,45 @@ def _print_summary(summary, seconds: float) -> None:
     from budget_lab.units import usd as _usd
 
     console = Console()
+    if not console.is_terminal:  # a log or a pipe: no terminal width to fold into
+        console = Console(width=200)
     n = next((t["fid_n"] for t in summary.trials if t.get("fid_n")), None)
+    # What a user came for is never cut: params and scores fold, dollars never wrap; a terminal
+    # too narrow for every column gets the secondary scores (KID, alignment) in a table of their
+    # own instead of everything folded into slivers.
+    split = console.width < 150
     table = Table(title=f"sweep {summary.sweep} ({summary.objective})")
-    columns = ("trial", "state", "params", f"FID [95% CI], N={n}", "KID ± std", "align [95% CI]")
-    # What a user came for is never cut: params and scores fold, dollars never wrap.
-    for col in columns:
+    for col in ("trial", "state", "params", f"FID [95% CI], N={n}"):
         table.add_column(col, overflow="fold")
+    if not split:
+        table.add_column("KID ± std", overflow="fold")
+        table.add_column("align [95% CI]", overflow="fold")
     table.add_column("$", no_wrap=True, min_width=9)
     table.add_column("est. $ (error)", no_wrap=True)
     table.add_column("front", no_wrap=True)
+    scores = Table(title="other scores")
+    for col in ("trial", "KID ± std", "align [95% CI]"):
+        scores.add_column(col, overflow="fold")
     for t in summary.trials:
         params = ", ".join(
             f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items()
         )
         kid = f"{t['kid']:.4f} ± {t['kid_std']:.4f}" if t.get("kid") is not None else "-"
+        secondary = [kid, _interval(t, "alignment", 2)]
         table.add_row(
             str(t["number"]),
             t["state"],
             params,
             _interval(t, "fid", 1),
-            kid,
-            _interval(t, "alignment", 2),
+            *([] if split else secondary),
             _usd(t["cost_usd"]),
             _estimate_cell(t),
             "★" if t["number"] in summary.pareto else "",
         )
+        scores.add_row(str(t["number"]), *secondary)
     console.print(table)
+    if split:
+        console.print(scores)
     print(f"stopped: {summary.stop_reason}")
     print(
         f"spent:   {_usd(summary.spent_usd)}"

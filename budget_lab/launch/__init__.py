@@ -10,7 +10,8 @@ notify.py    notify / Listener: a job wakes the controller that launched it (a U
 
 from budget_lab.launch.job import EvalPlan, TrainJob
 from budget_lab.launch.status import FINAL_STATES, RunStatus, cancel_run, log_paths, run_status
-from budget_lab.launch.submit import LaunchRecord, Placement, launch_run, launch_runs, read_launch
+from budget_lab.launch.submit import Placement, launch_run, launch_runs
+from budget_lab.rundir import LaunchRecord, read_launch
 
 __all__ = [
     "EvalPlan",

@@ -31,7 +31,7 @@ from budget_lab.launch.activity import ActivityLog
 from budget_lab.launch.notify import notify
 from budget_lab.rundir import CutKind, cut_kind, request_stop_file
 
-__all__ = ["EvalPlan", "TrainJob", "read_jsonl", "segment_rows"]
+__all__ = ["EvalPlan", "TrainJob", "pid_alive", "read_jsonl", "segment_alive", "segment_rows"]
 
 
 @dataclass
@@ -105,6 +105,29 @@ def segment_rows(
     return rows
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (a zombie does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def segment_alive(seg: dict[str, Any]) -> bool:
+    """Whether the process of a segment without an end row still runs: its pid is alive on this
+    host (the ledger's test, budget_lab.ledger.sync; the local executor runs jobs here)."""
+    if seg.get("host") != socket.gethostname():
+        return False
+    return isinstance(seg.get("pid"), int) and pid_alive(seg["pid"])
+
+
 class TrainJob(submitit.helpers.Checkpointable):
     """Train (and, for sweep trials, evaluate) one run folder; resumable after preemption."""
 
@@ -170,7 +193,6 @@ class TrainJob(submitit.helpers.Checkpointable):
             def live(seg: dict[str, Any], last: bool) -> bool:
                 return last
         else:
-            from budget_lab.launch.status import segment_alive
 
             def live(seg: dict[str, Any], last: bool) -> bool:
                 return segment_alive(seg)

@@ -11,15 +11,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from budget_lab.launch.job import read_jsonl, segment_rows
-from budget_lab.launch.submit import LaunchRecord, read_launch
+from budget_lab.launch.job import pid_alive, read_jsonl, segment_alive, segment_rows
+from budget_lab.rundir import LaunchRecord, read_launch
 
 __all__ = [
     "RunStatus",
@@ -129,28 +128,6 @@ def _slurm_state_of(job_id: str) -> str | None:
         return states[-1] if states else None
     except (OSError, subprocess.TimeoutExpired):
         return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def segment_alive(seg: dict[str, Any]) -> bool:
-    """Whether the process of a segment without an end row still runs: its pid is alive on this
-    host (the ledger's test, budget_lab.ledger.sync; the local executor runs jobs here)."""
-    if seg.get("host") != socket.gethostname():
-        return False
-    return isinstance(seg.get("pid"), int) and _pid_alive(seg["pid"])
 
 
 def _submitit_outcome(record: LaunchRecord, job_id: str, run_dir: Path) -> tuple[str, str] | None:
@@ -273,7 +250,7 @@ def _job_still_busy(
         return False
     if record.executor == "slurm":
         return _SLURM.get(sched or "", "") == "running"
-    return _pid_alive(int(segments[-1]["pid"]))
+    return pid_alive(int(segments[-1]["pid"]))
 
 
 def cancel_run(run_dir: str | os.PathLike[str]) -> RunStatus:
@@ -297,7 +274,7 @@ def cancel_run(run_dir: str | os.PathLike[str]) -> RunStatus:
         subprocess.run(["scancel", *record.job_ids], capture_output=True, timeout=30)
     else:
         for seg in segment_rows(run_dir):
-            if seg["end"] is None and _pid_alive(int(seg["pid"])):
+            if seg["end"] is None and pid_alive(int(seg["pid"])):
                 _kill(int(seg["pid"]))
     return run_status(run_dir)
 
@@ -309,7 +286,7 @@ def _kill(pid: int, grace_s: float = 5.0) -> None:
         return
     deadline = time.time() + grace_s
     while time.time() < deadline:
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             return
         time.sleep(0.1)
     try:

@@ -14,12 +14,13 @@ import secrets
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from budget_lab.errors import ConfigError, UserError
 from budget_lab.io import atomic_write_json
+from budget_lab.rundir import LAUNCH_FILE, LaunchRecord, read_launch
 
 __all__ = [
     "LaunchRecord",
@@ -32,7 +33,6 @@ __all__ = [
     "new_launch_id",
 ]
 
-LAUNCH_FILE = "launch.json"
 RUN_NAME_MAX = 100  # characters; a run name is a folder name, a Slurm job name, a ledger key
 _RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -68,40 +68,8 @@ class Placement:
         return self.nodes, gpus
 
 
-@dataclass
-class LaunchRecord:
-    """What `launch.json` in the run folder says about where the run went."""
-
-    run: str
-    run_dir: str
-    cluster: str
-    executor: str
-    launch_id: str
-    submitit_folder: str
-    job_ids: list[str]
-    nodes: int
-    gpus_per_node: int
-    tasks_per_node: int
-    sweep: str | None = None
-    trial: int | None = None
-    created_at: float = field(default_factory=time.time)
-    cluster_file: str | None = None  # the cluster YAML it was launched with (a path or a name)
-
-
 def new_launch_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
-
-
-def read_launch(run_dir: str | os.PathLike[str]) -> LaunchRecord | None:
-    import json
-
-    path = Path(run_dir) / LAUNCH_FILE
-    if not path.is_file():
-        return None
-    record = LaunchRecord(**json.loads(path.read_text()))
-    if not record.job_ids:  # written before a submission that did not return: what went out?
-        record.job_ids = recover_job_ids(record)
-    return record
 
 
 def make_executor(cluster, folder: Path, nodes: int, gpus_per_node: int, name: str):
@@ -361,17 +329,6 @@ def launch_runs(
         record.job_ids = [str(j.job_id) for j in (job if isinstance(job, list) else [job])]
         atomic_write_json(run_dir / LAUNCH_FILE, asdict(record))
     return records
-
-
-def recover_job_ids(record: LaunchRecord) -> list[str]:
-    """The ids of the jobs a launch submitted, from its submitit folder (`<id>_submitted.pkl`,
-    written once the scheduler gave the id): for a launch record written before its submission
-    returned. Empty when nothing was submitted."""
-    folder = Path(record.submitit_folder)
-    if not folder.is_dir():
-        return []
-    ids = {p.name.removesuffix("_submitted.pkl") for p in folder.glob("*_submitted.pkl")}
-    return sorted(ids, key=lambda i: (len(i), i))
 
 
 def crash_point(name: str) -> None:

@@ -52,8 +52,7 @@ from typing import Any
 from budget_lab.errors import ConfigError, UserError
 from budget_lab.io import read_jsonl
 from budget_lab.launch.activity import ACTIVITY_FILE
-from budget_lab.launch.job import segment_rows
-from budget_lab.launch.status import segment_alive
+from budget_lab.launch.job import segment_alive, segment_rows
 from budget_lab.ledger.calibration import learn_from_run
 from budget_lab.ledger.prices import ClusterLike, PriceBook, Priced, PricePiece
 from budget_lab.ledger.sacct import SacctRecord, poll_sacct, sacct_records
