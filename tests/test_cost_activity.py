@@ -182,7 +182,8 @@ def test_sweep_dry_run_prices_the_plan_and_launches_nothing(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "dry run: nothing launched, no study created" in out
-    assert "3 trial(s)" in out and "mask_ratio=0.75" in out and "fixed $0.1/device-hour" in out
+    assert "2 trial(s)" in out and "mask_ratio=0.75" in out and "fixed $0.1/device-hour" in out
+    assert "each trial trains until it has spent $0.005" in out  # fid_at_budget: sized at launch
     assert "total: $" in out and "exceeds the budget" in out
     assert not (ws / "sweeps" / "mask_ratio").exists()  # no study file, no study folder
     assert not any((ws / "runs").iterdir()) and not any((ws / "jobs").iterdir())

@@ -140,7 +140,7 @@ def test_repeats_add_a_seed_param_and_need_the_grid_sampler():
     spec = load_sweep("mask_ratio", ["repeats=3"])
     repeat = spec.params[-1]
     assert repeat.name == "repeat" and repeat.target == "seed_offset" and repeat.high == 2
-    assert spec.n_trials == 3 * 3
+    assert spec.n_trials == 2 * 3  # two ratios x three seeds
     assert "seed=2" in param_overrides(spec, {"mask_ratio": 0.5, "repeat": 2})
     with pytest.raises(ConfigError, match="repeats need the grid sampler"):
         load_sweep("mask_ratio", ["repeats=2", "sampler=tpe", "n_trials=4"])
