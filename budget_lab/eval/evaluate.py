@@ -80,14 +80,19 @@ def load_run_model(run_dir: str | os.PathLike[str], untrained: bool = False, ema
     return cfg, net, path
 
 
+def _reference_files(data_dir: Path, res: int, split: str, n_ref: int) -> tuple[Path, Path]:
+    """(statistics .npz, features .npy) of a cached reference, beside the data."""
+    stem = f"fid-ref-{res}-{split}-{n_ref}"
+    return data_dir / f"{stem}.npz", data_dir / f"{stem}-features.npy"
+
+
 def _reference(
     evaluator: FIDEvaluator, data_dir: Path, n_ref: int, res: int, split: str
 ) -> tuple[ReferenceStats, Tensor]:
     """Reference statistics and features of the first `n_ref` images of the split, cached beside
     the data per resolution, count and feature extractor (fid-ref-*.npz + *-features.npy)."""
     manifest = load_manifest(data_dir)
-    stem = f"fid-ref-{res}-{split}-{n_ref}"
-    stats_path, feats_path = data_dir / f"{stem}.npz", data_dir / f"{stem}-features.npy"
+    stats_path, feats_path = _reference_files(data_dir, res, split, n_ref)
     key = f"{manifest.root.resolve()}:{res}:{split}:{n_ref}"
     if stats_path.is_file() and feats_path.is_file():
         try:
@@ -349,7 +354,7 @@ def paired_differences(
             if not same or Path(ca.data.path).resolve() != Path(cb.data.path).resolve():
                 continue
             data_dir, res, info, split, n_ref = _reference_plan(ca)
-            stats = data_dir / f"fid-ref-{info.resolution}-{split}-{n_ref}.npz"  # as `_reference`
+            stats = _reference_files(data_dir, info.resolution, split, n_ref)[0]
             if stats not in refs:
                 try:  # the evaluations cached it; Inception is loaded only if it is gone
                     refs[stats] = ReferenceStats.load(stats)
