@@ -31,6 +31,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from budget_lab.rundir import RunDir  # noqa: E402
+from budget_lab.train.checkpoint import CheckpointStore  # noqa: E402
+
+# The other imports of a check sit in its own function: one that cannot import (a package the
+# machine lacks) is that check's FAIL row, and the other checks still run.
+
 ROWS: list[dict] = []
 
 
@@ -84,19 +90,13 @@ DATA: Path | None = None  # --data: prepared by scripts/wheelhouse.sh
 
 
 def _tiny_data(work: Path) -> Path:
-    from budget_lab.data.prepare import prepare_dataset
-    from budget_lab.data.synth import synth_dataset
-
     if DATA is not None:
         return DATA
-    data = work / "latents"
-    if not (data / "manifest.json").is_file():
-        synth_dataset(work / "synth", n=64, res=32, seed=0, val_fraction=0.125, progress=False)
-        prepare_dataset(
-            work / "synth", data, resolutions=(32,), vae="pixel", text_encoder="minilm",
-            max_tokens=16, progress=False,
-        )  # fmt: skip
-    return data
+    from budget_lab.data.builtin import ensure_builtin_data  # the text encoder: here only
+
+    return ensure_builtin_data(
+        work / "latents", n=64, val_fraction=0.125, max_tokens=16, progress=False
+    )
 
 
 def _nano_config(data: Path, *extra: str):
@@ -113,8 +113,11 @@ def _nano_config(data: Path, *extra: str):
 
 
 def _last_weights(run: Path) -> dict:
-    ckpts = run / "checkpoints"
-    return torch.load(ckpts / (ckpts / "latest").read_text().strip(), weights_only=True)["model"]
+    """The model weights of the run's latest checkpoint."""
+    latest = CheckpointStore(RunDir(run).checkpoints).latest_path()
+    if latest is None:
+        raise RuntimeError(f"{run} has no checkpoint")
+    return torch.load(latest, weights_only=True)["model"]
 
 
 def _resume(work: Path) -> str:
@@ -169,7 +172,7 @@ def _two_processes(cpu: bool, work: Path) -> str:
     cmd += ["--no-python", sys.executable, "-c", code, str(ROOT), str(data), str(run)]
     subprocess.run(cmd, check=True, env=env, timeout=300)
     whole = work / "whole"
-    if not (whole / "checkpoints").is_dir():
+    if not RunDir(whole).checkpoints.is_dir():
         return "completed (no 1-process run to compare)"
     a, b = _last_weights(whole), _last_weights(run)
     diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)

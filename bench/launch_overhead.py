@@ -46,9 +46,11 @@ from datetime import datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from budget_lab.config import compose_run  # noqa: E402
+from budget_lab.io import read_jsonl  # noqa: E402
 from budget_lab.launch import Placement, launch_run, run_status  # noqa: E402
 from budget_lab.launch.cluster import load_cluster  # noqa: E402
-from budget_lab.launch.job import read_jsonl  # noqa: E402
+from budget_lab.launch.status import log_paths  # noqa: E402
+from budget_lab.rundir import RunDir  # noqa: E402
 from budget_lab.workspace import Workspace  # noqa: E402
 
 FINAL = ("completed", "failed", "cut", "cancelled", "interrupted")
@@ -110,20 +112,9 @@ def machine_line() -> str:
 
 def prepare_tiny_data(root: Path) -> Path:
     """160 synthetic 32 px images (144 train, 16 val) as pixel latents + MiniLM tokens (16)."""
-    from budget_lab.data.prepare import prepare_dataset
-    from budget_lab.data.synth import synth_dataset
+    from budget_lab.data.builtin import ensure_builtin_data
 
-    synth_dataset(root / "synth", n=160, res=32, seed=0, val_fraction=0.1, progress=False)
-    prepare_dataset(
-        root / "synth",
-        root / "latents",
-        resolutions=(32,),
-        vae="pixel",
-        text_encoder="minilm",
-        max_tokens=16,
-        progress=False,
-    )
-    return root / "latents"
+    return ensure_builtin_data(root / "latents", n=160, max_tokens=16, progress=False)
 
 
 def slurm_up() -> str | None:
@@ -187,8 +178,6 @@ FLOOR_IMPORTS = (
 def submitit_log_start(record) -> float | None:
     """When the job's task logged "Starting with JobEnvironment" (epoch seconds, ms resolution;
     the logging module writes local time)."""
-    from budget_lab.launch.status import log_paths
-
     stdout, stderr = log_paths(record)
     for path in (stderr, stdout):
         if not path.is_file():
@@ -242,17 +231,18 @@ def time_one_launch(cfg, cluster, workspace: Workspace, name: str, placement, ti
         children_cpu_s=kids1 - kids0 if cluster.executor == "slurm" else None,
     )
     run_dir = Path(record.run_dir)
+    files = RunDir(run_dir)
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         st = run_status(run_dir, scheduler=False)  # files only: do not load the scheduler
         if timing.to_job_start_s is None:
-            starts = [r for r in read_jsonl(run_dir / "segments.jsonl") if r["event"] == "start"]
+            starts = [r for r in read_jsonl(files.segments) if r["event"] == "start"]
             if starts:
                 timing.to_job_start_s = starts[0]["time"] - t_launch
         if timing.to_trainer_ready_s is None and st.result and st.result.get("started_at"):
             timing.to_trainer_ready_s = st.result["started_at"] - t_launch
         if timing.to_first_metrics_s is None:
-            rows = read_jsonl(run_dir / "metrics.jsonl")
+            rows = read_jsonl(files.metrics)
             if rows:
                 timing.to_first_metrics_s = rows[0]["time"] - t_launch
         if timing.to_first_metrics_s is not None:

@@ -20,14 +20,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see BENCHMA
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import time  # noqa: E402
 from datetime import date  # noqa: E402
 
 import torch  # noqa: E402
 
+from budget_lab.ledger.calibration import time_training_step  # noqa: E402
 from model.config import PRESETS, RouteConfig, get_preset  # noqa: E402
-from model.edm import EDMPrecond, edm_loss  # noqa: E402
-from model.microdit import MicroDiT  # noqa: E402
 from model.summary import count_flops  # noqa: E402
 
 # Dense bf16 peak of the GPUs we meet (FLOP/s), for MFU.
@@ -42,32 +40,20 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def time_steps(cfg, mask_ratio, batch, steps, warmup, device, dtype, compile_model, seed=0):
-    """Seconds per training step (median of `steps` timed steps after `warmup`)."""
-    torch.manual_seed(seed)
-    net = MicroDiT(cfg).to(device)
-    pre = EDMPrecond(net, sigma_data=0.5)
-    opt = torch.optim.AdamW(
-        net.parameters(), lr=1e-4, foreach=device.type == "cpu", fused=device.type == "cuda" or None
+    """Seconds per training step (median of `steps` timed steps after `warmup`): the one step
+    timer the cost calibration uses too (`budget_lab.ledger.calibration.time_training_step`)."""
+    return time_training_step(
+        None,
+        mask_ratio=mask_ratio,
+        batch=batch,
+        steps=steps,
+        warmup=warmup,
+        device=str(device),
+        seed=seed,
+        model_cfg=cfg,
+        dtype=dtype,
+        compile_model=compile_model,
     )
-    step_fn = torch.compile(pre) if compile_model else pre
-    y = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
-    cap = torch.randn(batch, cfg.caption_len, cfg.caption_dim, device=device)
-    times = []
-    for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = edm_loss(step_fn, y, cap, mask_ratio=mask_ratio)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
 
 
 def main() -> None:

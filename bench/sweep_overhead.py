@@ -273,7 +273,7 @@ class TrialTimes:
 
 
 def trial_times(probe: Probe, controller: Any) -> list[TrialTimes]:
-    from budget_lab.launch.job import segment_rows
+    from budget_lab.rundir import segment_rows
 
     launched = {s.tag: s.began for s in probe.spans["launch_run"]}
     told = {s.tag: s.began + s.wall for s in probe.spans["follow_final"]}
@@ -404,6 +404,7 @@ def main() -> None:
         parser.error(f"--trials must be in 1..{len(MASK_RATIOS) * len(EMA_DECAYS)}")
 
     from budget_lab.launch.cluster import load_cluster
+    from budget_lab.rundir import SweepDir
     from budget_lab.sweep import load_sweep
     from budget_lab.workspace import Workspace
 
@@ -437,7 +438,7 @@ def main() -> None:
             poll_s=args.poll,
             progress=True,
             storage=(
-                f"sqlite:///{workspace.sweep_dir(spec.name) / 'study.db'}"
+                f"sqlite:///{SweepDir(workspace.sweep_dir(spec.name)).legacy_db}"
                 if args.storage == "sqlite"
                 else None
             ),

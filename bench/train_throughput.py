@@ -18,7 +18,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see BENCHMARKS.md
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -31,6 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_step import time_steps  # noqa: E402
 
 from budget_lab.config import compose_run, model_config  # noqa: E402
+from budget_lab.data.builtin import ensure_builtin_data  # noqa: E402
+from budget_lab.io import read_jsonl  # noqa: E402
+from budget_lab.rundir import RunDir  # noqa: E402
 from budget_lab.train import Trainer  # noqa: E402
 
 
@@ -53,13 +55,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bl-bench-"))
     data = Path(args.data) if args.data else work / "latents"
     if not args.data:
-        from budget_lab.data.prepare import prepare_dataset
-        from budget_lab.data.synth import synth_dataset
-
-        synth_dataset(work / "synth", n=1200, res=32, progress=False)
-        prepare_dataset(
-            work / "synth", data, vae="pixel", text_encoder="minilm", max_tokens=24, progress=False
-        )
+        ensure_builtin_data(data, n=1200, max_tokens=24, progress=False)
 
     cfg = compose_run(
         "nano",
@@ -77,7 +73,7 @@ def main() -> None:
     t0 = time.perf_counter()
     Trainer(cfg, work / "run", progress=False).run()
     wall = time.perf_counter() - t0
-    rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_jsonl(RunDir(work / "run").metrics)
     steady = rows[1:]  # drop the first window (warm-up)
     trainer_ips = sum(r["images_per_s"] for r in steady) / len(steady)
     wall_ips = args.steps * args.batch / wall

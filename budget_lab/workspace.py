@@ -86,6 +86,13 @@ class Workspace:
     def __repr__(self) -> str:
         return f"Workspace({str(self.root)!r})"
 
+    @classmethod
+    def of_run(cls, run_dir: str | os.PathLike[str]) -> Workspace | None:
+        """The workspace holding `run_dir` when it is `<workspace>/runs/<run>`; None for a run
+        folder elsewhere (`budget-lab train --run-dir /scratch/x`)."""
+        path = Path(run_dir).expanduser().resolve()
+        return cls(path.parent.parent) if path.parent.name == "runs" else None
+
     # -- the layout ----------------------------------------------------------------------------
 
     @property

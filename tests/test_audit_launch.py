@@ -19,9 +19,10 @@ import pytest
 
 from budget_lab.cli import main
 from budget_lab.errors import ConfigError, UserError
+from budget_lab.io import read_jsonl
 from budget_lab.launch import Placement, cancel_run, launch_run, run_status
 from budget_lab.launch.cluster import load_cluster
-from budget_lab.launch.job import TrainJob, read_jsonl
+from budget_lab.launch.job import TrainJob
 from budget_lab.ledger import Ledger, estimate_run, sync_run
 from budget_lab.workspace import Workspace
 from tests.helpers import tiny_run_config
@@ -218,12 +219,16 @@ def test_good_run_names_pass(tmp_path, capsys):
     assert "run      nano-r0.75_b2" in capsys.readouterr().out
 
 
+# Real line breaks, as a shell's $'...' passes them (Hydra's grammar reads "\\n" in quotes as
+# the two characters, which stay on one line).
 @pytest.mark.parametrize(
-    "override", ['slurm.partition="debug\\n#SBATCH --wrap=true"', 'slurm.additional.gres="a\\nb"']
+    "override", ["slurm.partition='debug\n#SBATCH --wrap=true'", 'slurm.additional.gres="a\nb"']
 )
 def test_slurm_options_stay_on_their_sbatch_line(override):
     with pytest.raises(ConfigError, match="one line without control characters"):
         load_cluster("slurm-local", [override])
+    with pytest.raises(ConfigError, match="is not valid"):  # unquoted: not even parsed
+        load_cluster("slurm-local", ["slurm.partition=debug\n#SBATCH --wrap=true"])
 
 
 @pytest.mark.parametrize("budget", ["-1", "-0.01", "nan", "inf"])

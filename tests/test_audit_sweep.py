@@ -64,7 +64,7 @@ def check_trained_once(ws_root: Path, trials) -> None:
     """Every trial COMPLETE, its run trained by one job of one launch (one start row, its
     segments one after the other), and the ledger's sweep total the sum of the trials' costs."""
     from budget_lab.launch import read_launch
-    from budget_lab.launch.job import segment_rows
+    from budget_lab.rundir import segment_rows
 
     assert [t.state.name for t in trials] == ["COMPLETE"] * len(trials)
     launch_ids = []

@@ -14,7 +14,8 @@ from budget_lab.config import run_config_to_dict
 from budget_lab.eval.evaluate import load_run_model
 from budget_lab.io import yaml_dump
 from budget_lab.report import wandb_log
-from budget_lab.train import CheckpointStore, Trainer, read_result
+from budget_lab.train import CheckpointStore, Trainer, TrainState, read_result
+from budget_lab.train import trainer as trainer_module
 from budget_lab.train.checkpoint import CheckpointError
 from tests.helpers import tiny_run_config
 
@@ -76,6 +77,11 @@ def test_real_checkpoint_loads_weights_only(train_data_dir, tmp_path):
     path = CheckpointStore(run / "checkpoints").latest_path()
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["global_step"] == 1 and ckpt["phase_states"]["loader"]["batch"] == 1
+    assert list(ckpt) == [  # what `checkpoint_payload` writes: old checkpoints load as they are
+        "version", "model", "ema", "phase_states", "rng", "segment", "phase_name", "world_size",
+        "phase", "phase_step", "global_step", "images_seen", "train_seconds",
+    ]  # fmt: skip
+    assert TrainState.from_payload(ckpt) == TrainState(0, 1, 1, 8, ckpt["train_seconds"])
     result = Trainer(short_cfg(train_data_dir), run, progress=False).run()
     assert result["status"] == "completed" and result["global_step"] == 3
 
@@ -282,12 +288,10 @@ def test_sample_grid_larger_than_the_validation_split_does_not_fail_the_run(
 
 
 def test_a_failing_sample_grid_warns_and_training_goes_on(train_data_dir, tmp_path, monkeypatch):
-    from budget_lab.eval import sampling
-
     def no_val_split(*args, **kwargs):
         raise FileNotFoundError("no val split in the manifest")
 
-    monkeypatch.setattr(sampling, "sample_grid_for_run", no_val_split)
+    monkeypatch.setattr(trainer_module, "sample_grid_for_run", no_val_split)
     run = tmp_path / "run"
     with pytest.warns(UserWarning, match="no sample grid for phase 'masked-pretrain'"):
         result = Trainer(short_cfg(train_data_dir, "eval.grid_size=4"), run, progress=False).run()

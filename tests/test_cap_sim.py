@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from budget_lab.ledger import cap_policy
 from budget_lab.ledger.cap_policy import CapPolicy
 from budget_lab.ledger.cap_sim import SweepOutcome, SweepSpec, TrialSpec, random_sweep, simulate
 
@@ -126,6 +127,13 @@ def test_a_job_between_steps_stops_at_its_next_step_without_a_kill():
     assert o.final_usd <= o.cap_usd
 
 
+def test_the_policy_states_the_kill_wait_the_local_backend_uses():
+    """The policy's latency counts the local kill's SIGTERM -> SIGKILL wait: the same seconds."""
+    from budget_lab.launch.local import KILL_GRACE_S
+
+    assert cap_policy.KILL_TERM_S == KILL_GRACE_S
+
+
 def test_an_uncapped_sweep_runs_every_trial_to_its_end():
     sweep = _alone(_one_trial(fid_s=3.0, rung_fractions=(0.5,)), cap_usd=1e6)
     o = simulate(sweep)
@@ -148,8 +156,8 @@ def test_an_overdue_job_is_killed_for_real_without_holding_up_the_controller(
 
     from budget_lab.launch import launch_run, run_status
     from budget_lab.launch.cluster import load_cluster
-    from budget_lab.launch.job import pid_alive as _pid_alive
-    from budget_lab.launch.job import segment_rows
+    from budget_lab.launch.local import pid_alive as _pid_alive
+    from budget_lab.rundir import segment_rows
     from budget_lab.sweep import load_sweep
     from budget_lab.sweep.controller import SweepController
     from budget_lab.workspace import Workspace

@@ -13,8 +13,8 @@ from budget_lab.cli import main
 from budget_lab.config import RecipeBase, compose_run, list_recipes, recipe_path
 from budget_lab.config_files import ENV_VAR, find_config
 from budget_lab.errors import ConfigError
-from budget_lab.launch.cluster import cluster_path
-from budget_lab.sweep.spec import sweep_path
+from budget_lab.launch.cluster import cluster_path, load_cluster
+from budget_lab.sweep.spec import load_sweep, sweep_path
 
 _CHILD = """\
 defaults: [nano, _self_]
@@ -85,6 +85,44 @@ def test_hydra_override_grammar_with_clear_errors():
     for override, message in mistakes.items():
         with pytest.raises(ConfigError, match=message):
             compose_run("nano", [override])
+
+
+def test_clusters_and_sweeps_extend_others_and_take_hydra_overrides(user_dir):
+    """Clusters and sweeps are Hydra config groups too: a file extends another of its group by
+    its defaults list (its own keys win, its name is its own), and overrides use Hydra's
+    grammar with the group's keys checked first."""
+    (user_dir / "clusters").mkdir()
+    (user_dir / "clusters" / "slurm-spot.yaml").write_text(
+        "defaults: [slurm-local, _self_]\ncapacity: spot\nslurm: {partition: spot}\n"
+    )
+    base, spot = load_cluster("slurm-local"), load_cluster("slurm-spot")
+    assert spot.name == "slurm-spot" and (spot.capacity, spot.slurm.partition) == ("spot", "spot")
+    assert spot.price == base.price and spot.gpus_per_node == base.gpus_per_node  # inherited
+    (user_dir / "clusters" / "slurm-few.yaml").write_text(
+        "defaults: [slurm-local, _self_]\nmax_requeues: 2\n"
+    )
+    assert load_cluster("slurm-few").max_requeues == 2
+    assert load_cluster("slurm-few", ["~max_requeues"]).max_requeues == 10  # the default
+    assert load_cluster("slurm-spot", ["max_nodes=1"]).max_nodes == 1
+    for override, message in {
+        "+max_nodes=2": "max_nodes is already a config key .* write max_nodes=2",
+        "slurm.partitio=x": "unknown key 'slurm.partitio' under slurm; valid keys: partition",
+        "max_nodes=abc": "max_nodes='abc' is invalid: expected an integer",
+        "~region": "does not set region",
+    }.items():
+        with pytest.raises(ConfigError, match=message):
+            load_cluster("slurm-spot", [override])
+
+    (user_dir / "sweeps").mkdir()
+    (user_dir / "sweeps" / "mask_wide.yaml").write_text(
+        "defaults: [mask_ratio, _self_]\nn_trials: 2\n"
+    )
+    parent, child = load_sweep("mask_ratio"), load_sweep("mask_wide")
+    assert child.name == "mask_wide" and child.n_trials == 2
+    assert load_sweep("mask_wide", ["repeats=2", "~n_trials"]).repeats == 2
+    assert child.params == parent.params and child.base_overrides == parent.base_overrides
+    with pytest.raises(ConfigError, match="already a config key"):
+        load_sweep("mask_wide", ["+n_trials=3"])
 
 
 def test_train_dry_run_plus_on_an_existing_key_fails_clearly(capsys):

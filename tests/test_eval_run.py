@@ -10,8 +10,11 @@ import pytest
 
 from budget_lab.cli import main as cli_main
 from budget_lab.config import compose_run
-from budget_lab.eval.evaluate import FEATURES_FILE, paired_differences
+from budget_lab.eval.evaluate import paired_differences
+from budget_lab.rundir import RunDir
 from budget_lab.train import Trainer
+
+FEATURES_FILE = RunDir(".").eval_features.name
 
 
 def test_eval_trained_and_untrained(train_data_dir, tiny_clip_dir, tmp_path, capsys):

@@ -1,10 +1,13 @@
 """The import graph of budget_lab/ and model/ (issue 17): no cycles, counting imports inside
 functions too (a cycle hidden in a function is still a cycle to follow), type-checking-only
-imports left out; and model/ (pure math) imports nothing from budget_lab/."""
+imports left out; model/ (pure math) imports nothing from budget_lab/; the launch backends stand
+apart; and the `clusters` command and `--help` load neither submitit nor torch."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,3 +105,53 @@ def test_the_scan_sees_imports_in_functions_and_skips_type_checking_ones(tmp_pat
     )
     known = {"budget_lab": probe, "budget_lab.io": probe, "budget_lab.units": probe}
     assert _imports("budget_lab.probe", probe, known) == {"budget_lab", "budget_lab.io"}
+
+
+def test_launch_backends_stand_apart():
+    """Each backend knows only itself: local.py and slurm.py import neither each other nor the
+    interface module (backend.py imports them), and no launch module imports the launch package
+    itself, whose names are loaded on first use (a hidden import the scan cannot see)."""
+    known = _modules()
+    graph = {name: _imports(name, path, known) for name, path in known.items()}
+    backends = {"budget_lab.launch.local", "budget_lab.launch.slurm"}
+    for name in backends:
+        assert graph[name] & (backends | {"budget_lab.launch.backend"}) == set(), name
+    assert backends <= graph["budget_lab.launch.backend"]
+    inside = [m for m in graph if m.startswith("budget_lab.launch.")]
+    assert [m for m in inside if "budget_lab.launch" in graph[m]] == []
+
+
+def test_clusters_command_and_help_load_no_submitit_or_torch():
+    """`budget-lab clusters list|show` and `--help` start fast (issue 17: under 0.5 s): the
+    launch package does not load its job, submit and status modules (submitit) for cluster.py."""
+    code = (
+        "import sys, contextlib, io\n"
+        "from budget_lab.cli import main\n"
+        "for argv in (['clusters', 'list'], ['clusters', 'show', 'local'], ['--help']):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "        main(argv)\n"
+        "print(sorted(m for m in ('submitit', 'torch') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_lazy_packages_export_every_name_they_list():
+    """budget_lab.launch and budget_lab.ledger load their names on first use: each name of
+    `__all__` resolves (from the module the table names), and nothing else is listed."""
+    import importlib
+
+    for package in ("budget_lab.launch", "budget_lab.ledger"):
+        module = importlib.import_module(package)
+        assert set(module._EXPORTS) == set(module.__all__), package
+        for name in module.__all__:
+            getattr(module, name)  # resolves: no AttributeError, no ImportError
+            assert name in dir(module)
+        try:
+            module.no_such_name  # noqa: B018
+        except AttributeError as err:
+            assert "no_such_name" in str(err)
+        else:
+            raise AssertionError(f"{package}.no_such_name resolved")

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from budget_lab.errors import ConfigError
+from budget_lab.io import read_jsonl
 from budget_lab.launch import Placement, cancel_run, launch_run, launch_runs, run_status
-from budget_lab.launch.cluster import load_cluster
-from budget_lab.launch.job import read_jsonl
+from budget_lab.launch.backend import BACKENDS, Backend, backend_for
+from budget_lab.launch.cluster import EXECUTORS, load_cluster
 from budget_lab.launch.notify import Listener
 from budget_lab.train import CheckpointStore, Trainer
 from budget_lab.workspace import Workspace
@@ -128,3 +130,23 @@ def test_job_array_of_small_runs(train_data_dir, workspace):
     assert len({r.job_ids[0] for r in records}) == 3
     for r in records:
         assert wait_for(r.run_dir).state == "completed"
+
+
+def test_every_executor_has_a_backend_and_no_other():
+    """The cluster files' executors and the backends are the same set; each backend implements
+    the whole interface; another name is refused with the valid ones."""
+    assert set(BACKENDS) == set(EXECUTORS)
+    assert all(isinstance(b, Backend) and b.name == name for name, b in BACKENDS.items())
+    with pytest.raises(
+        ConfigError, match=r"cluster 'k8s' has executor='pods'; valid: local, slurm"
+    ):
+        backend_for("pods", cluster="k8s")
+
+
+def test_a_launch_record_naming_no_backend_is_a_clear_error(workspace):
+    run_dir = workspace.run_dir("odd")
+    run_dir.mkdir(parents=True)
+    record = {"run": "odd", "cluster": "k8s", "executor": "pods", "job_ids": ["1"]}
+    (run_dir / "launch.json").write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=r"launch.json: executor='pods'; valid: local, slurm"):
+        run_status(run_dir)

@@ -14,11 +14,13 @@ import pytest
 import torch
 
 from budget_lab.cli import main as cli_main
-from budget_lab.config import compose_run
+from budget_lab.config import compose_run, model_config
 from budget_lab.errors import ConfigError, TrainingError
 from budget_lab.io import yaml_dump, yaml_load
 from budget_lab.train import CheckpointStore, Trainer, lr_factor, read_result
 from budget_lab.train import trainer as trainer_module
+from budget_lab.train.optim import param_groups
+from model.microdit import MicroDiT
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -221,6 +223,24 @@ def test_moe_parameters_get_their_own_learning_rate(train_data_dir, tmp_path, mo
     ).run()
     lrs = sorted({lr for lr, _ in seen["groups"]})
     assert lrs == [pytest.approx(1e-3), pytest.approx(2e-3)]  # moe_lr_scale 0.5 of phase lr 2e-3
+
+
+def test_param_groups_keep_their_order(train_data_dir):
+    # A checkpoint's optimizer state is matched to the groups by position: (MoE?, matrix?) in
+    # sorted order, each parameter in exactly one group, at its group's lr and weight decay.
+    cfg = tiny_cfg(train_data_dir)
+    net = MicroDiT(model_config(cfg))
+    groups = param_groups(net, cfg.optim, lr=2e-3)
+    moe = {id(p) for name, p in net.named_parameters() if name in net.moe_parameter_names()}
+    kinds = []
+    for g in groups:
+        (kind,) = {(id(p) in moe, p.ndim >= 2) for p in g["params"]}
+        assert g["lr"] == pytest.approx(2e-3 * (cfg.optim.moe_lr_scale if kind[0] else 1.0))
+        assert g["weight_decay"] == (cfg.optim.weight_decay if kind[1] else 0.0)
+        kinds.append(kind)
+    assert kinds == sorted(set(kinds)) and (True, True) in kinds  # nano has MoE matrices
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in net.parameters())
 
 
 def run_cli(args, cwd=None):

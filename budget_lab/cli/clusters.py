@@ -80,9 +80,7 @@ def price_text(cluster) -> str:  # noqa: ANN001 (a ClusterConfig; imported lazil
 
 
 def _list(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
+    # cluster.py alone: the launch package loads its other modules (submitit) on first use.
     from budget_lab.errors import ConfigError
     from budget_lab.launch.cluster import CLUSTERS_DIR, cluster_to_dict, list_clusters, load_cluster
 
@@ -96,6 +94,9 @@ def _list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([cluster_to_dict(c) for c in clusters], indent=2))
     else:
+        from rich.console import Console  # the table only
+        from rich.table import Table
+
         table = Table(title=f"clusters ({CLUSTERS_DIR})", title_justify="left")
         for col in ("name", "executor", "GPUs / node", "capacity", "price"):
             table.add_column(col, no_wrap=True)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import textwrap
 from datetime import datetime, timezone
 
+from budget_lab.rundir import read_eval
 from budget_lab.workspace import Workspace, add_workspace_argument
 
 _REPORT_EPILOG = """\
@@ -216,11 +216,8 @@ def _scores(workspace: Workspace, by: str, rows) -> dict[str, dict] | None:
             if not trial.isdigit():
                 continue
             name = f"{sweep}-{int(trial):03d}"
-        try:
-            result = json.loads((workspace.run_dir(name) / "eval.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if not isinstance(result, dict) or result.get("fid") is None:
+        result = read_eval(workspace.run_dir(name))
+        if result is None or result.get("fid") is None:
             continue
         lo, hi = (result.get("fid_ci95") or [None, None])[:2]
         scores[row.group] = {
@@ -311,7 +308,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         calibrate_from_run,
         device_of,
     )
-    from budget_lab.ledger.sync import read_launch
+    from budget_lab.rundir import read_launch
 
     workspace = Workspace.from_args(args.workspace)
     if args.list:
@@ -333,11 +330,11 @@ def _calibrate(args: argparse.Namespace) -> int:
         device, devices = args.device, 1
         launch = read_launch(run_dir)
         if launch is not None:
-            devices = max(int(launch.get("nodes", 1)) * int(launch.get("gpus_per_node", 0)), 1)
+            devices = launch.devices
             if device is None:
                 from budget_lab.launch.cluster import load_cluster
 
-                device = device_of(load_cluster(str(launch["cluster"])))
+                device = device_of(load_cluster(launch.cluster))
         entries = calibrate_from_run(
             workspace, run_dir, device_type=device or "cpu", devices=devices
         )

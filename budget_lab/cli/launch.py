@@ -105,13 +105,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_dir(workspace, run: str) -> Path:
+    from budget_lab.launch.status import list_runs
+    from budget_lab.rundir import RunDir
+
     path = Path(run)
-    if (path / "config.yaml").is_file():
+    if RunDir.looks_like_run(path):
         return path
     candidate = workspace.run_dir(run)
-    if (candidate / "config.yaml").is_file():
+    if RunDir.looks_like_run(candidate):
         return candidate
-    from budget_lab.launch.status import list_runs
 
     known = [p.name for p in list_runs(workspace.runs_dir)]
     hint = (
@@ -135,9 +137,9 @@ def _check_budget_arg(budget_usd: float | None) -> None:
 def _run_spend(workspace, name: str):
     """The ledger, brought up to date with what run `name` already spent (a relaunch: its
     folder's segments are synced first), and that spend in $. The caller closes the ledger."""
-    from budget_lab.launch import read_launch
     from budget_lab.launch.cluster import load_cluster
     from budget_lab.ledger import Ledger, sync_run
+    from budget_lab.rundir import read_launch
 
     ledger = Ledger.for_workspace(workspace)
     run_dir = workspace.run_dir(name)
@@ -153,9 +155,9 @@ def _run_spend(workspace, name: str):
 
 def _launch(args: argparse.Namespace) -> int:
     from budget_lab.config import compose_run
-    from budget_lab.launch import Placement, launch_run, run_status
     from budget_lab.launch.cluster import load_cluster
-    from budget_lab.launch.submit import check_run_name
+    from budget_lab.launch.status import FINAL_STATES, run_status
+    from budget_lab.launch.submit import Placement, check_run_name, launch_run
     from budget_lab.workspace import Workspace
 
     # Mistakes in the arguments first: nothing is read, written or printed before.
@@ -219,7 +221,7 @@ def _launch(args: argparse.Namespace) -> int:
         if line != last:
             print(f"  {time.strftime('%H:%M:%S')}  {line}", flush=True)
             last = line
-        if st.state in ("completed", "failed", "cut", "cancelled", "interrupted"):
+        if st.state in FINAL_STATES:
             break
         time.sleep(2)
     _settle(workspace, name, cluster)
@@ -341,8 +343,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _logs(args: argparse.Namespace) -> int:
-    from budget_lab.launch import read_launch
     from budget_lab.launch.status import log_paths
+    from budget_lab.rundir import read_launch
     from budget_lab.workspace import Workspace
 
     run_dir = _run_dir(Workspace.from_args(args.workspace), args.run)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from budget_lab.rundir import SweepDir
+
 _EPILOG = """\
 examples:
   budget-lab report                                   every run of the workspace, as tables
@@ -94,7 +96,7 @@ def _report(args: argparse.Namespace) -> int:
             Path(args.out)
             if args.out
             else (
-                workspace.sweep_dir(args.sweep) / "report"
+                SweepDir(workspace.sweep_dir(args.sweep)).report
                 if args.sweep
                 else workspace.root / "report"
             )

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from budget_lab.rundir import SweepDir, is_prepared_data
+
 _EPILOG = """\
 examples:
   budget-lab sweep mask_ratio                         the main job: local, built-in data
@@ -86,7 +88,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from budget_lab.errors import ConfigError, DataError
     from budget_lab.launch.cluster import load_cluster
     from budget_lab.sweep import load_sweep
-    from budget_lab.sweep.controller import SweepController, ensure_builtin_data
+    from budget_lab.sweep.controller import SweepController
     from budget_lab.workspace import Workspace
 
     t0 = time.time()
@@ -116,8 +118,12 @@ def _sweep(args: argparse.Namespace) -> int:
     # The data: the built-in synthetic set is made on first use; a user's data must exist.
     probe = compose_run(spec.recipe, list(spec.base_overrides) + overrides)
     data = Path(probe.data.path)
-    if not (data / "manifest.json").is_file():
+    if not is_prepared_data(data):
         if not any(o.startswith("data.path=") for o in overrides) and not data.is_absolute():
+            # Imported here: data preparation imports torch, which a sweep whose data is ready
+            # (or that runs on a cluster) never needs.
+            from budget_lab.data.builtin import ensure_builtin_data
+
             data = ensure_builtin_data(workspace.root / "data" / "synth-latents")
             overrides.append(f"data.path={data}")
         else:
@@ -161,13 +167,12 @@ def _sweep(args: argparse.Namespace) -> int:
 def _dry_run(args: argparse.Namespace, spec, cluster, overrides: list[str]) -> int:
     """`sweep --dry-run`: the plan and its dollars; no study, no run folder, no data made."""
     from budget_lab.sweep.controller import SweepController
-    from budget_lab.sweep.storage import JOURNAL_NAME
     from budget_lab.units import usd as _usd
     from budget_lab.workspace import Workspace
 
     workspace = Workspace.from_args(args.workspace)
     # Named, never opened: the study's folder and file are not created.
-    storage = args.storage or str(workspace.sweep_dir(spec.name) / JOURNAL_NAME)
+    storage = args.storage or str(SweepDir(workspace.sweep_dir(spec.name)).journal)
     controller = SweepController(
         spec,
         workspace,
@@ -256,9 +261,9 @@ def write_sweep_outputs(
     from budget_lab.sweep import objective_formula
 
     workspace, spec = controller.workspace, controller.spec
-    folder = workspace.sweep_dir(spec.name)
+    folder = SweepDir(workspace.sweep_dir(spec.name))
     atomic_write_json(
-        folder / "sweep.json",
+        folder.state,
         {
             "sweep": spec.name,
             "objective": spec.objective,
@@ -275,14 +280,14 @@ def write_sweep_outputs(
         },
     )
     data = load_report_data(workspace, spec.name, storage=summary.study_storage)
-    path = folder / "summary.json"
+    path = folder.summary
     merged = {**json.loads(report_data_to_json(data)), **_decision(summary)}
     atomic_write_json(path, merged)
     summary.summary_path = str(path)
     if report:
         from budget_lab.report.html import write_html_report
 
-        summary.report_path = str(write_html_report(data, folder / "report"))
+        summary.report_path = str(write_html_report(data, folder.report))
     if wandb_project and os.environ.get("WANDB_MODE", "").lower() != "disabled":
         from budget_lab.report.wandb_report import log_sweep_summary, open_summary_run
 

@@ -23,22 +23,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import io
 import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.config_store import ConfigStore
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override
-from hydra.errors import HydraException, MissingConfigException, OverrideParseException
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from budget_lab.config.compose import FileKind, apply_overrides, compose_file, parse_overrides
 from budget_lab.config.schema import (
     CheckpointConfig,
     DataConfig,
@@ -51,9 +45,7 @@ from budget_lab.config.schema import (
 )
 from budget_lab.config_files import PROJECT_DIR, config_dirs, find_config, list_configs
 from budget_lab.errors import ConfigError
-from budget_lab.io import read_text, yaml_load, yaml_problem
-from model.config import MicroDiTConfig, ModelConfigError, get_preset
-from model.edm import EDMConfig
+from model.config import EDMConfig, MicroDiTConfig, ModelConfigError, get_preset
 
 __all__ = [
     "RunConfig",
@@ -78,9 +70,12 @@ __all__ = [
 #: Recipes shipped with the project (one YAML per recipe).
 RECIPES_DIR = PROJECT_DIR / "recipes"
 _GROUP = "recipes"
-_SCHEMA = "_budget_lab_run_schema"  # RunConfig, stored in Hydra's ConfigStore
-_PRIMARY = "_budget_lab_run"  # schema < recipe: the config Hydra composes
-_FILE_RECIPE = "_budget_lab_recipe_file"  # a recipe given as a path, stored under recipes/
+_RECIPE = FileKind(
+    _GROUP,
+    "recipe",
+    f"config keys (model:, phases:, data:, ...; see {RECIPES_DIR / 'nano.yaml'})",
+    f"compare with {RECIPES_DIR / 'nano.yaml'}",
+)
 _OVERRIDE_HELP = (
     "write key=value (e.g. phases.0.steps=100), +key=value to add a key, ~key to delete one"
 )
@@ -133,52 +128,11 @@ def _recipe_node(path: Path) -> DictConfig:
     with _LOCK:
         node = _RECIPE_NODES.get(key)
         if node is None:
-            node = _hydra_compose(path, dirs)
+            node = compose_file(path, _RECIPE, _schema())
             if len(_RECIPE_NODES) >= 16:  # old versions of the files, or many recipes
                 _RECIPE_NODES.clear()
             _RECIPE_NODES[key] = node
     return node
-
-
-def _hydra_compose(path: Path, dirs: list[Path]) -> DictConfig:
-    recipe_node = _load_recipe(path)  # clear errors for the file the user named
-    # A file of the searched folders is composed by name (its defaults list resolves beside it);
-    # any other file is stored under recipes/ for the composition.
-    try:
-        in_group = find_config(_GROUP, path.stem).resolve() == path.resolve()
-    except ConfigError:
-        in_group = False
-    store = ConfigStore.instance()
-    store.store(name=_SCHEMA, node=_schema())
-    if in_group:
-        choice = path.stem
-    else:
-        store.store(group=_GROUP, name=_FILE_RECIPE, node=recipe_node)
-        choice = _FILE_RECIPE
-    roots = [d.parent.resolve() for d in dirs] or [PROJECT_DIR]
-    store.store(
-        name=_PRIMARY,
-        node={
-            "defaults": [_SCHEMA, {f"{_GROUP}@_global_": choice}, "_self_"],
-            # Searched after the main folder, the user's (when it exists) being the main one.
-            "hydra": {"searchpath": [f"file://{r}" for r in roots[1:]]},
-        },
-    )
-    try:
-        with initialize_config_dir(config_dir=str(roots[0]), version_base=None):
-            return compose(config_name=_PRIMARY)
-    except MissingConfigException as err:
-        # A defaults list names a recipe that is not there.
-        text = str(err).split("\n")[0].strip()
-        raise ConfigError(
-            f"{path}: {text} A defaults list names recipes of {', '.join(map(str, dirs))}: "
-            f"{', '.join(list_recipes())}"
-        ) from None
-    except HydraException as err:
-        text = " ".join(s.strip() for s in str(err).splitlines() if s.strip())
-        raise ConfigError(f"{path}: {text}") from None
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"{path}: {_omegaconf_message(err)}") from None
 
 
 def _schema() -> DictConfig:
@@ -191,92 +145,24 @@ def _schema() -> DictConfig:
     return node
 
 
-def _load_recipe(path: Path) -> DictConfig:
-    """The recipe file as an OmegaConf node; a file that is not UTF-8 text, not YAML or not a
-    mapping is a ConfigError naming it."""
-    text = read_text(path, "recipe")
-    try:
-        data = yaml_load(text)  # to say what is wrong before OmegaConf reads it
-        loaded = OmegaConf.load(io.StringIO(text))  # OmegaConf's YAML: 1e-4 is a float
-    except yaml.YAMLError as err:
-        raise ConfigError(
-            f"the recipe {path} is not valid YAML: {yaml_problem(err)}. Fix it (compare with "
-            f"{RECIPES_DIR / 'nano.yaml'})"
-        ) from None
-    if data is not None and not isinstance(data, dict):
-        raise ConfigError(
-            f"the recipe {path} must hold a mapping of config keys (model:, phases:, data:, ...; "
-            f"see {RECIPES_DIR / 'nano.yaml'}), not a {type(data).__name__}"
-        )
-    assert isinstance(loaded, DictConfig)
-    return loaded
-
-
-def _parse_overrides(overrides: Sequence[str]) -> list[Override]:
-    """Hydra's override grammar, checked against the schema before composing: an unknown key
-    lists the valid ones; `+key` on a key that exists says to drop the `+`."""
-    bad = [o for o in overrides if "=" not in o and not o.startswith("~")]
-    if bad:
-        raise ConfigError(f"override {bad[0]!r} is not key=value: {_OVERRIDE_HELP}")
-    try:
-        parsed = OverridesParser.create().parse_overrides(list(overrides))
-    except OverrideParseException as err:
-        raise ConfigError(
-            f"override {err.override!r} is not valid: {_parse_problem(err.message)}; "
-            f"{_OVERRIDE_HELP}. Quote a "
-            "value with spaces or commas: name='a b'"
-        ) from None
-    for o in parsed:
-        key = o.key_or_group
-        if o.is_sweep_override():
-            raise ConfigError(
-                f"override {o.input_line!r} sweeps over several values; a run takes one: write "
-                f"a list as {key}=[a,b], a string with commas quoted as {key}='a,b'"
-            )
-        if o.package is not None:
-            raise ConfigError(f"override {o.input_line!r}: @package is not supported here")
-        known = _key_exists(key)  # raises for an unknown key of the schema
-        if o.is_add() and known:
-            raise ConfigError(
-                f"override {o.input_line!r}: {key} is already a config key (+ adds a key the "
-                f"config does not have); write {o.input_line[1:]}"
-            )
-    return parsed
-
-
 def _apply(node: DictConfig, overrides: Sequence[str], path: Path) -> DictConfig:
-    """Apply overrides (Hydra's grammar, parsed by Hydra) to a composed node, in place, with
-    Hydra's meanings: `key=value` sets, `+key=value` / `++key=value` add, `~key` deletes."""
-    for o in _parse_overrides(overrides):
-        key, line = o.key_or_group, o.input_line
-        m = re.match(r"phases\.(\d+)(\.|$)", key)
+    """Apply overrides in Hydra's grammar to a composed recipe, in place (`apply_overrides`); a
+    phase index past the recipe's phases is named as such."""
+    parsed = parse_overrides(overrides, _key_exists, _OVERRIDE_HELP)
+    for o in parsed:
+        m = re.match(r"phases\.(\d+)(\.|$)", o.key_or_group)
         if m and int(m.group(1)) >= len(node.phases):
             raise ConfigError(
-                f"override {line!r}: the recipe has {len(node.phases)} phase(s), "
+                f"override {o.input_line!r}: the recipe has {len(node.phases)} phase(s), "
                 f"numbered 0..{len(node.phases) - 1}"
             )
-        try:
-            if o.is_delete():
-                if OmegaConf.select(node, key, default=None) is None:
-                    raise ConfigError(
-                        f"override {line!r}: {path} does not set {key} (~ deletes a key the "
-                        "recipe sets; a model or edm field then takes the preset's value)"
-                    )
-                parent, _, leaf = key.rpartition(".")
-                with open_dict(node):
-                    del (OmegaConf.select(node, parent) if parent else node)[leaf]
-            else:
-                add = o.is_add() or o.is_force_add()
-                OmegaConf.update(node, key, o.value(), merge=True, force_add=add)
-        except OmegaConfBaseException as err:
-            raise ConfigError(f"{path}: {_omegaconf_message(err)} (override {line!r})") from None
-    return node
-
-
-def _parse_problem(message: str) -> str:
-    """Hydra's parse error without its first line (the override again) and its docs link."""
-    lines = [s.strip() for s in message.splitlines()[1:] if s.strip()]
-    return " ".join(s for s in lines if not s.startswith("See https")) or message.strip()
+    return apply_overrides(
+        node,
+        parsed,
+        path,
+        "a model or edm field then takes the preset's value, a typed key its default",
+        _omegaconf_message,
+    )
 
 
 def _key_exists(key: str) -> bool:

@@ -78,6 +78,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from budget_lab.errors import ConfigError, DataError
+from budget_lab.rundir import DATA_MANIFEST
 
 __all__ = [
     "MANIFEST_KIND",
@@ -98,7 +99,7 @@ __all__ = [
 ]
 
 #: The manifest's file name inside a prepared data folder.
-MANIFEST_NAME = "manifest.json"
+MANIFEST_NAME = DATA_MANIFEST
 #: The manifest's ``kind``.
 MANIFEST_KIND = "budget-lab-shards"
 #: The manifest format version this code reads and writes.

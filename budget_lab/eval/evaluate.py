@@ -8,7 +8,6 @@ on the same prompts, the same number of samples and the same sampler settings.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import replace
@@ -32,12 +31,12 @@ from budget_lab.eval.stats import (
     kid_measurement,
     paired_fid_difference,
 )
-from budget_lab.io import atomic_write, atomic_write_json, yaml_load
+from budget_lab.io import atomic_write, atomic_write_json
+from budget_lab.rundir import RunDir, is_prepared_data, read_config, read_eval
 from budget_lab.train.checkpoint import CheckpointStore
 from model.microdit import MicroDiT
 
 __all__ = [
-    "FEATURES_FILE",
     "evaluate_run",
     "load_run_model",
     "paired_differences",
@@ -45,28 +44,24 @@ __all__ = [
     "score_model",
 ]
 
-#: The generated images' Inception features of a run's final evaluation (float32 (N, 2048), row i
-#: sampled for validation caption i with the seed's noise), kept for paired comparisons.
-FEATURES_FILE = "eval-features.npy"
-
 
 def load_run_model(run_dir: str | os.PathLike[str], untrained: bool = False, ema: bool = True):
     """(RunConfig, MicroDiT) of a run: its latest checkpoint's EMA weights, or the initial weights
     (same seed) with `untrained`."""
     run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
+    saved = read_config(run_dir)
+    if saved is None:
         raise UserError(
-            f"{run_dir} is not a run folder (no config.yaml); pass the folder `budget-lab train` wrote"
+            f"{run_dir} is not a run folder (no run config); pass the folder `budget-lab train` wrote"
         )
-    cfg = run_config_from_dict(yaml_load(cfg_path.read_text()))
+    cfg = run_config_from_dict(saved)
     torch.manual_seed(cfg.seed)
     net = MicroDiT(model_config(cfg))
     if untrained:
         return cfg, net, None
     # Weights only (a planted pickle is refused, CheckpointError), and as a reader: a torn latest
     # is skipped with a warning but left in place for the run's own trainer to deal with.
-    loaded = CheckpointStore(run_dir / "checkpoints").load_latest(quarantine=False)
+    loaded = CheckpointStore(RunDir(run_dir).checkpoints).load_latest(quarantine=False)
     if loaded is None:
         raise UserError(f"{run_dir} has no checkpoint yet; train it first (or use --untrained)")
     ckpt, path = loaded
@@ -165,7 +160,7 @@ def score_model(
     "num_samples", "num_reference", "sampler_steps", "cfg_scale", "resolution", "seconds"}."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     data_dir = Path(cfg.data.path)
-    if not (data_dir / "manifest.json").is_file():
+    if not is_prepared_data(data_dir):
         raise DataError(
             f"the run's data folder {data_dir} is gone (no manifest.json); evaluate from the "
             "directory the run was trained from, or re-prepare the data there"
@@ -280,7 +275,8 @@ def evaluate_run(
 
         clip_score = CLIPScorer(clip_model, device=dev).score(images, texts)
     tag = "untrained" if untrained else ("trained" if ema else "trained-raw")
-    grid = save_grid(images[:16], run_dir / "samples" / f"eval-{tag}.png", captions=texts[:16])
+    files = RunDir(run_dir)
+    grid = save_grid(images[:16], files.eval_grid(tag), captions=texts[:16])
     result = {
         "fid": fid,
         **{
@@ -311,13 +307,11 @@ def evaluate_run(
         "seconds": scored["seconds"],
     }
     if tag == "trained":  # the features a paired comparison with another trial needs
+        # float32 (N, 2048): row i sampled for validation caption i with the seed's noise
         feats = scored["features"].numpy().astype(np.float32)
-        atomic_write(run_dir / FEATURES_FILE, lambda fh: np.save(fh, feats))
-        result["features"] = FEATURES_FILE
-    out = run_dir / {"untrained": "eval-untrained.json", "trained": "eval.json"}.get(
-        tag, f"eval-{tag}.json"
-    )
-    atomic_write_json(out, result)
+        atomic_write(files.eval_features, lambda fh: np.save(fh, feats))
+        result["features"] = files.eval_features.name
+    atomic_write_json(files.eval(tag), result)
     return result
 
 
@@ -334,11 +328,13 @@ def paired_differences(
     whose features are missing, are left out (their comparison stays unpaired)."""
     evals: dict[str, tuple[dict[str, Any], Any, np.ndarray]] = {}
     for label, folder in run_dirs.items():
-        folder = Path(folder)
+        files = RunDir(folder)
         try:
-            info = json.loads((folder / "eval.json").read_text())
-            cfg = run_config_from_dict(yaml_load((folder / "config.yaml").read_text()))
-            feats = np.load(folder / FEATURES_FILE, allow_pickle=False)
+            info, saved = read_eval(files), read_config(files)
+            if info is None or saved is None:
+                continue
+            cfg = run_config_from_dict(saved)
+            feats = np.load(files.eval_features, allow_pickle=False)
         except (OSError, ValueError, KeyError, UserError):
             continue
         if feats.shape[0] != info.get("num_samples"):

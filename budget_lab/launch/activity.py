@@ -24,17 +24,18 @@ segment's total.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from collections.abc import Iterator
-from pathlib import Path
+
+from budget_lab.rundir import RunDir, append_row
 
 __all__ = ["ACTIVITIES", "ACTIVITY_FILE", "ActivityLog"]
 
 #: Every activity a span can name (the order of reports).
 ACTIVITIES = ("startup", "train", "checkpoint", "eval", "sample_grid", "idle", "other")
-ACTIVITY_FILE = "activity.jsonl"
+#: The spans' file name in a run folder (`RunDir.activity`; kept for its importers).
+ACTIVITY_FILE = RunDir(".").activity.name
 
 
 class ActivityLog:
@@ -49,7 +50,7 @@ class ActivityLog:
         phase: str | None = None,
         enabled: bool = True,
     ):
-        self.path = Path(run_dir) / ACTIVITY_FILE
+        self.path = RunDir(run_dir).activity
         self.attempt = attempt  # the segment (segments.jsonl attempt); None outside a job
         self.enabled = enabled  # False on ranks other than 0: nothing is written
         self.activity: str | None = "startup"  # the open span's activity (None once closed)
@@ -103,7 +104,4 @@ class ActivityLog:
             "start": self.since,
             "end": now,
         }
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_row(self.path, row)

@@ -3,9 +3,11 @@
     cluster = load_cluster("slurm-local", ["slurm.partition=spot"])
     cluster.check_request(nodes=1, gpus_per_node=2)
 
-A cluster is named after its file in the project's `clusters/` folder, or given as a path to a
-YAML file. Precedence is YAML < `key=value` overrides; unknown keys are rejected with the list of
-valid ones. `clusters/README.md` documents every key and how to add your own cluster.
+A cluster is named after its file in the user's or the project's `clusters/` folder (Hydra's
+config group `clusters`: a file may extend another through a defaults list), or given as a path
+to a YAML file. Precedence is YAML < overrides in Hydra's grammar (`budget_lab.config.compose`);
+unknown keys are rejected with the list of valid ones. `clusters/README.md` documents every key
+and how to add your own cluster.
 """
 
 from __future__ import annotations
@@ -19,13 +21,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
+from budget_lab.config.compose import (
+    FileKind,
+    apply_overrides,
+    compose_file,
+    load_file,
+    parse_overrides,
+)
 from budget_lab.config_files import find_config, list_configs
 from budget_lab.errors import ConfigError
-from budget_lab.io import read_text, yaml_problem
 
 __all__ = [
     "PriceConfig",
@@ -351,42 +358,31 @@ def cluster_path(name_or_path: str | Path) -> Path:
     )
 
 
-def load_cluster(name_or_path: str | Path, overrides: Sequence[str] = ()) -> ClusterConfig:
-    """Load a cluster by name or path and apply `key=value` overrides (e.g. slurm.partition=spot).
+_CLUSTER = FileKind(
+    "clusters",
+    "cluster file",
+    "cluster keys (name:, executor:, price:, ...; see clusters/README.md)",
+    "compare with a file in clusters/, described in clusters/README.md",
+)
+_OVERRIDE_HELP = "write key=value (e.g. slurm.partition=spot), ~key to delete one the file sets"
 
-    Override values are YAML scalars or lists (`max_nodes=2`, `slurm.setup=[module load cuda]`).
-    The cluster's name defaults to the file name without `.yaml`.
+
+def load_cluster(name_or_path: str | Path, overrides: Sequence[str] = ()) -> ClusterConfig:
+    """Load a cluster by name or path, composed by Hydra (a cluster file may extend another
+    through its defaults list), and apply overrides in Hydra's grammar (slurm.partition=spot,
+    slurm.setup=[module load cuda], ~max_nodes).
+
+    The cluster's name is its own `name:`, else the file name without `.yaml`.
     """
     path = cluster_path(name_or_path)
-    text = read_text(path, "cluster file")
+    own = load_file(path, _CLUSTER)
+    own_name = own.get("name")
+    node = compose_file(path, _CLUSTER, loaded=own)
+    OmegaConf.set_struct(node, False)  # keys are checked against ClusterConfig, not the file
+    node.name = own_name or path.stem  # never the name of a cluster it extends
     try:
-        raw = _load_yaml(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(
-            f"the cluster file {path} is not valid YAML: {yaml_problem(err)}. Fix it (compare "
-            "with a file in clusters/, described in clusters/README.md)"
-        ) from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            f"the cluster file {path} must hold a mapping of cluster keys (name:, executor:, "
-            f"price:, ...; see clusters/README.md), not a {type(raw).__name__}"
-        )
-    raw.setdefault("name", path.stem)
-    try:
-        node = OmegaConf.create(raw)
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(
-                    f"cluster override {item!r} is not key=value (e.g. slurm.partition=spot)"
-                )
-            key, value = (s.strip() for s in item.split("=", 1))
-            section = key.rsplit(".", 1)[0] if "." in key else None
-            if section and OmegaConf.select(node, section) is None:
-                # A section that the file leaves null (e.g. `slurm:`): start it empty.
-                OmegaConf.update(node, section, {}, merge=False)
-            OmegaConf.update(node, key, _load_yaml(value), merge=True)
+        parsed = parse_overrides(overrides, _cluster_key_exists, _OVERRIDE_HELP)
+        apply_overrides(node, parsed, path, "the key then takes its default")
         data = OmegaConf.to_container(node, resolve=True)
     except InterpolationResolutionError as err:
         raise ConfigError(
@@ -396,14 +392,35 @@ def load_cluster(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Clu
         ) from None
     except OmegaConfBaseException as err:
         raise ConfigError(f"{path}: {str(err).splitlines()[0]}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(
-            f"{path}: an override value is not valid YAML: {yaml_problem(err)}"
-        ) from None
+    except ConfigError as err:
+        if str(err).startswith(str(path)):
+            raise
+        raise ConfigError(f"{path}: {err}") from None
     try:
         return cluster_from_dict(data)  # type: ignore[arg-type]
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
+
+
+def _cluster_key_exists(key: str) -> bool:
+    """Whether `key` (e.g. "slurm.partition") is a key of ClusterConfig; an unknown key is a
+    ConfigError listing the valid ones. Keys inside a mapping field (slurm.additional.x) exist."""
+    cls: Any = ClusterConfig
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            parent = ".".join(parts[:i])
+            raise ConfigError(
+                f"unknown key {key!r}{' under ' + parent if parent else ''}; valid keys: "
+                f"{', '.join(fields)}"
+            )
+        hint = get_type_hints(cls)[part]
+        inner = [a for a in get_args(hint) if a is not type(None)] or [hint]
+        cls = inner[0] if dataclasses.is_dataclass(inner[0]) else None
+        if cls is None:
+            return True  # a scalar, list or mapping field: anything under it is its value
+    return True
 
 
 def cluster_from_dict(data: Mapping[str, Any]) -> ClusterConfig:
@@ -414,20 +431,6 @@ def cluster_from_dict(data: Mapping[str, Any]) -> ClusterConfig:
 def cluster_to_dict(cluster: ClusterConfig) -> dict[str, Any]:
     """Plain data (YAML/JSON-ready) that `cluster_from_dict` turns back into the same cluster."""
     return dataclasses.asdict(cluster)
-
-
-class _YamlLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that keeps dates as text: an unquoted 2024-06-01 stays a string."""
-
-
-_YamlLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-
-
-def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (a SafeLoader)
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:

@@ -14,24 +14,32 @@ rungs (`rungs.jsonl`) and at the end (`eval.json`).
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import submitit
 
+from budget_lab.errors import ConfigError
 from budget_lab.io import read_jsonl
 from budget_lab.launch.activity import ActivityLog
+from budget_lab.launch.local import segment_alive
 from budget_lab.launch.notify import notify
-from budget_lab.rundir import CutKind, cut_kind, request_stop_file
+from budget_lab.rundir import (
+    CutKind,
+    RunDir,
+    SegmentRow,
+    append_row,
+    cut_kind,
+    request_stop_file,
+    segment_rows,
+)
 
-__all__ = ["EvalPlan", "TrainJob", "pid_alive", "read_jsonl", "segment_alive", "segment_rows"]
+__all__ = ["EvalPlan", "TrainJob"]
 
 
 @dataclass
@@ -47,85 +55,6 @@ class EvalPlan:
     # fid_at_budget: cumulative $ at which each phase but the last ends (it may end earlier, at
     # its step count); the last phase runs until stop_at_usd.
     phase_end_usd: list[float] = field(default_factory=list)
-
-
-def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def segment_rows(
-    run_dir: Path, live: Callable[[dict[str, Any], bool], bool] | None = None
-) -> list[dict[str, Any]]:
-    """One dict per time the job ran: {"attempt", "job_id", "start", "end" (None while running or
-    after a hard kill), "status", "host", "pid", "devices"}, from segments.jsonl.
-
-    `live(segment, is_last)` says whether a segment without an end row still runs. Given, a
-    segment that does not was killed hard: it ends at its last sign of life, the ledger's rule
-    (budget_lab.ledger.sync): the latest metrics or checkpoint row, or result.json update, between
-    its start and the next segment's start, else its start; its status is "killed". Without
-    `live`, such a segment keeps end None."""
-    run_dir = Path(run_dir)
-    segments: dict[int, dict[str, Any]] = {}
-    for row in read_jsonl(run_dir / "segments.jsonl"):
-        seg = segments.setdefault(row["attempt"], {"attempt": row["attempt"], "end": None})
-        if row["event"] == "start":
-            seg.update(
-                job_id=row["job_id"],
-                start=row["time"],
-                host=row["host"],
-                pid=row["pid"],
-                devices=row["devices"],
-                status="running",
-            )
-        else:
-            seg.update(end=row["time"], status=row["status"])
-    rows = [segments[k] for k in sorted(segments) if "start" in segments[k]]
-    last = len(rows) - 1
-    dead = [i for i, s in enumerate(rows) if s["end"] is None and live and not live(s, i == last)]
-    if dead:  # read only when needed: metrics.jsonl grows with every step
-        life = [
-            float(r["time"])
-            for name in ("metrics.jsonl", "checkpoints.jsonl")
-            for r in read_jsonl(run_dir / name)
-            if isinstance(r, dict) and "time" in r
-        ]
-        result = run_dir / "result.json"
-        try:
-            life.append(float(json.loads(result.read_text())["updated_at"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        for i in dead:
-            seg = rows[i]
-            until = rows[i + 1]["start"] if i + 1 < len(rows) else float("inf")
-            seen = [t for t in life if seg["start"] <= t < until]
-            seg.update(end=max(seen, default=seg["start"]), status="killed")
-    return rows
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` runs on this host (a zombie does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def segment_alive(seg: dict[str, Any]) -> bool:
-    """Whether the process of a segment without an end row still runs: its pid is alive on this
-    host (the ledger's test, budget_lab.ledger.sync; the local executor runs jobs here)."""
-    if seg.get("host") != socket.gethostname():
-        return False
-    return isinstance(seg.get("pid"), int) and pid_alive(seg["pid"])
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -190,11 +119,11 @@ class TrainJob(submitit.helpers.Checkpointable):
         in_job = getattr(self, "_attempt", None) is not None
         if in_job:
 
-            def live(seg: dict[str, Any], last: bool) -> bool:
+            def live(seg: SegmentRow, last: bool) -> bool:
                 return last
         else:
 
-            def live(seg: dict[str, Any], last: bool) -> bool:
+            def live(seg: SegmentRow, last: bool) -> bool:
                 return segment_alive(seg)
 
         rows = segment_rows(run_dir)
@@ -227,9 +156,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             **({"price_source": source} if source else {}),
         }
 
-    def _price(
-        self, seg: dict[str, Any], end: float, *, live: bool, with_source: bool = False
-    ) -> Any:
+    def _price(self, seg: SegmentRow, end: float, *, live: bool, with_source: bool = False) -> Any:
         """(device-seconds, dollars[, price source]) of one segment row up to `end`."""
         seconds = max(float(end) - float(seg["start"]), 0.0)
         devices = max(int(seg.get("devices") or 1), 1)
@@ -237,6 +164,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             cost = seconds * devices / 3600 * self.usd_per_device_hour
             out: tuple[Any, ...] = (seconds * devices, cost, "list price")
         else:
+            # Imported here: budget_lab.ledger's package imports its sync, which imports this module.
             from budget_lab.ledger.prices import PriceBook
 
             book = self.__dict__.get("_prices")
@@ -260,8 +188,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         attempt = len(segment_rows(run_dir))
         started = time.time()
         if rank0:
-            _append_jsonl(
-                run_dir / "segments.jsonl",
+            append_row(
+                RunDir(run_dir).segments,
                 {
                     "event": "start",
                     "attempt": attempt,
@@ -287,8 +215,6 @@ class TrainJob(submitit.helpers.Checkpointable):
             and plan is not None
             and (plan.rungs_usd or plan.phase_rung)
         ):
-            from budget_lab.errors import ConfigError
-
             if rank0:
                 self._end_segment("failed")
             raise ConfigError(
@@ -298,7 +224,7 @@ class TrainJob(submitit.helpers.Checkpointable):
                 "either"
             )
         self._rungs_done = {
-            (r["kind"], r.get("rung_usd")) for r in read_jsonl(run_dir / "rungs.jsonl")
+            (r["kind"], r.get("rung_usd")) for r in read_jsonl(RunDir(run_dir).rungs)
         }
         # Rank 0 alone writes the run folder (metrics with their cost, rungs, segment rows) and
         # judges the dollars; the other ranks follow its flags (`Trainer._sync_requests`).
@@ -377,8 +303,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         activity = self.__dict__.get("_activity")
         if activity is not None:
             activity.close()
-        _append_jsonl(
-            Path(self.run_dir) / "segments.jsonl",
+        append_row(
+            RunDir(self.run_dir).segments,
             {"event": "end", "attempt": self._attempt, "status": status, "time": time.time()},
         )
         notify(self.run_dir)  # the controller that launched us refills the slot without a poll
@@ -387,7 +313,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         """Dollar rungs, the phase rung and the trial budget of a sweep trial."""
         plan = self.eval_plan
         assert plan is not None
-        if (Path(self.run_dir) / "STOP").is_file():
+        if RunDir(self.run_dir).stop.is_file():
             return  # asked to stop (pruned, budget cap): no more FIDs paid for
         spent = self.spent_usd()["cost_usd"]
         due = [r for r in plan.rungs_usd if spent >= r and ("usd", r) not in self._rungs_done]
@@ -420,6 +346,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             )
 
     def _measure(self, kind: str, rung: float | None, info: dict[str, Any], spent: float) -> None:
+        # Imported in the job (torch), as in __call__.
         from budget_lab.config import run_config_from_dict
         from budget_lab.eval.evaluate import score_model
 
@@ -450,10 +377,11 @@ class TrainJob(submitit.helpers.Checkpointable):
             "num_samples": scored["num_samples"],
             "time": time.time(),
         }
-        _append_jsonl(Path(self.run_dir) / "rungs.jsonl", row)
+        append_row(RunDir(self.run_dir).rungs, row)
         notify(self.run_dir)  # the controller judges the rung (prune?) before our next step
 
     def _final_eval(self) -> dict[str, Any]:
+        # Imported in the job (torch), as in __call__.
         from budget_lab.eval.evaluate import evaluate_run
 
         plan = self.eval_plan

@@ -2,23 +2,26 @@
 
 A run's state is read from three witnesses, in this order of trust:
   1. result.json, written by the trainer (completed / failed / cut; running / interrupted);
-  2. the scheduler: Slurm through submitit (sacct), or the job's process for the local executor;
+  2. the scheduler, through the run's backend (budget_lab.launch.backend): Slurm's squeue/sacct,
+     or the job's process for the local executor;
   3. submitit's own result pickle and logs (a job that died before the trainer started).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from budget_lab.launch.job import pid_alive, read_jsonl, segment_alive, segment_rows
-from budget_lab.rundir import LaunchRecord, read_launch
+from submitit.core.utils import JobPaths, pickle_load
+
+from budget_lab.errors import ConfigError, UserError
+from budget_lab.io import atomic_write_json, read_jsonl
+from budget_lab.launch.backend import BACKENDS, Backend, backend_for
+from budget_lab.rundir import LaunchRecord, RunDir, read_launch, read_result, segment_rows
+from budget_lab.workspace import Workspace
 
 __all__ = [
     "RunStatus",
@@ -28,33 +31,10 @@ __all__ = [
     "tail",
     "list_runs",
     "FINAL_STATES",
-    "segment_alive",
 ]
 
 #: States after which a run does nothing more (until it is launched again).
 FINAL_STATES = ("completed", "failed", "cut", "cancelled", "interrupted")
-CANCELLED_FILE = "CANCELLED"
-
-# Slurm job states (sacct / squeue) → ours.
-_SLURM = {
-    "PENDING": "queued",
-    "REQUEUED": "queued",
-    "REQUEUE_HOLD": "queued",
-    "REQUEUE_FED": "queued",
-    "CONFIGURING": "queued",
-    "RUNNING": "running",
-    "COMPLETING": "running",
-    "SUSPENDED": "running",
-    "PREEMPTED": "queued",  # with PreemptMode=REQUEUE it comes back
-    "COMPLETED": "completed",
-    "FAILED": "failed",
-    "OUT_OF_MEMORY": "failed",
-    "NODE_FAIL": "failed",
-    "BOOT_FAIL": "failed",
-    "DEADLINE": "failed",
-    "TIMEOUT": "failed",
-    "CANCELLED": "cancelled",
-}
 
 
 @dataclass
@@ -77,28 +57,36 @@ class RunStatus:
     result: dict[str, Any] | None = None
 
 
-def _current_job(record: LaunchRecord, ask: bool = True) -> tuple[str, str | None]:
-    """The job that speaks for the run, and its Slurm state (None when not asked, or local).
-    With phases as dependent jobs, that is the first job that has not completed (the running
-    phase, or the one that failed); else the only one. Asked once per status: each answer is a
-    squeue/sacct call."""
-    if record.executor != "slurm" or not ask:
+def _backend(record: LaunchRecord | None, run_dir: Path) -> Backend:
+    """The backend the run went to; without a launch record (`budget-lab train` in the
+    foreground), the local one: the run's process ran here."""
+    if record is None:
+        return BACKENDS["local"]
+    try:
+        return backend_for(record.executor)
+    except ConfigError as err:
+        raise ConfigError(
+            f"{RunDir(run_dir).launch}: {err}. The launcher writes it; relaunch the run, or fix "
+            "or remove the file"
+        ) from None
+
+
+def _current_job(
+    record: LaunchRecord, backend: Backend, ask: bool = True
+) -> tuple[str, str | None]:
+    """The job that speaks for the run, and its scheduler state (None when not asked, or there
+    is no scheduler). Asked once per status: on Slurm each answer is a squeue/sacct call."""
+    if not ask:
         return record.job_ids[0], None
-    for job_id in record.job_ids:
-        state = _slurm_state_of(job_id)
-        if state != "COMPLETED":
-            return job_id, state
-    return record.job_ids[-1], "COMPLETED"
+    return backend.current_job(record)
 
 
 def log_paths(record: LaunchRecord, job_id: str | None = None) -> tuple[Path, Path]:
     """(stdout, stderr) of a job's first task (default: the run's current job), in the launch's
     submitit folder."""
-    from submitit.core.utils import JobPaths
-
-    job_id = job_id or _current_job(record)[0]
-    paths = JobPaths(record.submitit_folder, job_id=job_id, task_id=0)
-    return paths.stdout, paths.stderr
+    backend = _backend(record, Path(record.run_dir))
+    job_id = job_id or _current_job(record, backend)[0]
+    return backend.log_paths(record, job_id)
 
 
 def tail(path: Path, lines: int = 20) -> str:
@@ -108,38 +96,16 @@ def tail(path: Path, lines: int = 20) -> str:
     return "\n".join(text[-lines:])
 
 
-def _slurm_state_of(job_id: str) -> str | None:
-    try:
-        out = subprocess.run(
-            ["squeue", "-h", "-j", job_id, "-o", "%T"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.split()[0].strip()
-        out = subprocess.run(
-            ["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        states = [s.split()[0] for s in out.stdout.split("\n") if s.strip()]
-        return states[-1] if states else None
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-
-
 def _submitit_outcome(record: LaunchRecord, job_id: str, run_dir: Path) -> tuple[str, str] | None:
     """('success'|'error', detail) from submitit's result pickle, if the job wrote one.
 
     A pickle runs code when read: only one inside the workspace's own `jobs/` folder (the run
-    folder's `../../jobs`) is read, never one a planted launch.json points elsewhere to."""
-    from submitit.core.utils import JobPaths, pickle_load
-
+    folder's workspace) is read, never one a planted launch.json points elsewhere to."""
     path = JobPaths(record.submitit_folder, job_id=job_id, task_id=0).result_pickle
-    jobs_dir = (Path(run_dir).resolve().parent.parent / "jobs").resolve()
-    if not path.resolve().is_relative_to(jobs_dir) or not path.is_file():
+    home = Workspace.of_run(run_dir)
+    if home is None or not path.resolve().is_relative_to(home.jobs_dir.resolve()):
+        return None
+    if not path.is_file():
         return None
     try:
         outcome, value = pickle_load(path)
@@ -151,23 +117,25 @@ def _submitit_outcome(record: LaunchRecord, job_id: str, run_dir: Path) -> tuple
 def run_status(run_dir: str | os.PathLike[str], scheduler: bool = True) -> RunStatus:
     """The state of a run folder. `scheduler=False` skips asking Slurm (fast, files only)."""
     run_dir = Path(run_dir)
+    files = RunDir(run_dir)
     record = read_launch(run_dir)
-    result_path = run_dir / "result.json"
-    result = json.loads(result_path.read_text()) if result_path.is_file() else None
+    written_result = read_result(run_dir)
+    result = dict(written_result) if written_result is not None else None
     status = RunStatus(run=run_dir.name, run_dir=str(run_dir), state="unknown", result=result)
     job_id, sched = None, None
     if record is not None and not record.job_ids:
         record = None  # launched, but nothing reached the scheduler: no job to ask about
+    backend = _backend(record, run_dir)
     if record is not None:
         status.cluster, status.executor = record.cluster, record.executor
         status.job_ids, status.sweep, status.trial = record.job_ids, record.sweep, record.trial
-        job_id, sched = _current_job(record, ask=scheduler)
-        out, err = log_paths(record, job_id)
+        job_id, sched = _current_job(record, backend, ask=scheduler)
+        out, err = backend.log_paths(record, job_id)
         status.stdout, status.stderr = str(out), str(err)
     # A segment without an end row whose job is gone was killed hard: it ends at its last sign
     # of life (as in the ledger), never "running" forever.
-    segments = segment_rows(run_dir, live=_segment_live(record, sched))
-    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    segments = segment_rows(run_dir, live=lambda seg, last: backend.segment_alive(seg, last, sched))
+    metrics = read_jsonl(files.metrics)
     if metrics:
         status.phase, status.step = metrics[-1].get("phase"), metrics[-1].get("step")
     if result is not None:
@@ -178,7 +146,9 @@ def run_status(run_dir: str | os.PathLike[str], scheduler: bool = True) -> RunSt
     if (
         written in ("completed", "cut")
         and record is not None
-        and _job_still_busy(record, segments, sched)
+        and segments
+        and segments[-1]["end"] is None
+        and backend.still_running(segments[-1], sched)
     ):
         # The trainer is done but the job is not: a sweep trial measures its final FID.
         status.state, status.phase = "running", "final eval"
@@ -188,7 +158,7 @@ def run_status(run_dir: str | os.PathLike[str], scheduler: bool = True) -> RunSt
         if written == "failed":
             status.error = result.get("error") or (tail(Path(status.stderr)) if record else None)
         return status
-    if (run_dir / CANCELLED_FILE).is_file():
+    if files.cancelled.is_file():
         status.state = "cancelled"
         return status
     if record is None:  # trained in the foreground with `budget-lab train`
@@ -197,33 +167,15 @@ def run_status(run_dir: str | os.PathLike[str], scheduler: bool = True) -> RunSt
             status.state = "unknown"
         return status
 
-    if record.executor == "slurm":
-        status.scheduler_state = sched
-        if sched is not None:
-            state = _SLURM.get(sched, "unknown")
-            if state == "completed" and written == "phase-completed":
-                state = "queued"  # the next phase's job is about to start (afterok)
-            elif state == "completed" and written != "completed":
-                # The job ended well but the trainer did not finish: it was stopped (interrupted)
-                # or submitit gave up requeueing.
-                state = "interrupted" if written == "interrupted" else "failed"
-            status.state = state
-        else:
-            status.state = "running" if written == "running" else "queued"
-    else:
-        last = segments[-1] if segments else None
-        if last is not None and last["end"] is None:  # its process is alive (else it is closed)
-            status.state = "running"
-        elif last is not None and last["status"] == "preempted":
-            # The local controller requeues in place; give it a moment before calling it over.
-            status.state = "queued" if time.time() - (last["end"] or 0) < 60 else "interrupted"
-        elif last is None:
-            outcome = _submitit_outcome(record, job_id, run_dir)
-            status.state = "failed" if outcome and outcome[0] == "error" else "queued"
-            if outcome and outcome[0] == "error":
-                status.error = outcome[1]
-        else:
-            status.state = "interrupted" if written == "interrupted" else "failed"
+    assert job_id is not None  # a launch record with jobs
+    status.scheduler_state = sched
+    state = backend.run_state(sched, segments, written)
+    if state is None:  # nothing started, and no scheduler says why: did the job die first?
+        outcome = _submitit_outcome(record, job_id, run_dir)
+        state = "failed" if outcome and outcome[0] == "error" else "queued"
+        if outcome and outcome[0] == "error":
+            status.error = outcome[1]
+    status.state = state
     if status.state == "failed" and status.error is None:
         outcome = _submitit_outcome(record, job_id, run_dir)
         status.error = (outcome[1] if outcome and outcome[0] == "error" else None) or tail(
@@ -232,32 +184,8 @@ def run_status(run_dir: str | os.PathLike[str], scheduler: bool = True) -> RunSt
     return status
 
 
-def _segment_live(record: LaunchRecord | None, sched: str | None):
-    """`segment_rows`'s test of whether a segment without an end row still runs. Slurm: only the
-    last one, while the scheduler says the job runs (or was not asked); else its process here."""
-    if record is not None and record.executor == "slurm":
-        running = sched is None or _SLURM.get(sched) == "running"
-        return lambda seg, last: last and running
-    return lambda seg, last: segment_alive(seg)
-
-
-def _job_still_busy(
-    record: LaunchRecord, segments: list[dict[str, Any]], sched: str | None
-) -> bool:
-    """The last segment has not written its end row, and its job is still alive (`sched`: the
-    current job's Slurm state)."""
-    if not segments or segments[-1]["end"] is not None:
-        return False
-    if record.executor == "slurm":
-        return _SLURM.get(sched or "", "") == "running"
-    return pid_alive(int(segments[-1]["pid"]))
-
-
 def cancel_run(run_dir: str | os.PathLike[str]) -> RunStatus:
     """Cancel a queued or running job now (no checkpoint beyond the last periodic one)."""
-    from budget_lab.errors import UserError
-    from budget_lab.io import atomic_write_json
-
     run_dir = Path(run_dir)
     record = read_launch(run_dir)
     if record is None:
@@ -268,31 +196,9 @@ def cancel_run(run_dir: str | os.PathLike[str]) -> RunStatus:
     before = run_status(run_dir)
     if before.state in FINAL_STATES:
         return before
-    atomic_write_json(run_dir / CANCELLED_FILE, {"time": time.time()})
-    if record.executor == "slurm":
-        # Every job of the launch: with phases as dependent jobs, the ones still waiting too.
-        subprocess.run(["scancel", *record.job_ids], capture_output=True, timeout=30)
-    else:
-        for seg in segment_rows(run_dir):
-            if seg["end"] is None and pid_alive(int(seg["pid"])):
-                _kill(int(seg["pid"]))
+    atomic_write_json(RunDir(run_dir).cancelled, {"time": time.time()})
+    _backend(record, run_dir).cancel(record, run_dir)
     return run_status(run_dir)
-
-
-def _kill(pid: int, grace_s: float = 5.0) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.time() + grace_s
-    while time.time() < deadline:
-        if not pid_alive(pid):
-            return
-        time.sleep(0.1)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def list_runs(runs_dir: str | os.PathLike[str]) -> list[Path]:
@@ -300,5 +206,5 @@ def list_runs(runs_dir: str | os.PathLike[str]) -> list[Path]:
     root = Path(runs_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if (p / "config.yaml").is_file()]
+    found = [p for p in root.iterdir() if RunDir.looks_like_run(p)]
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)

@@ -11,16 +11,25 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import subprocess
-import sys
+import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import submitit
+
+from budget_lab.config import RunConfig, run_config_to_dict
 from budget_lab.errors import ConfigError, UserError
-from budget_lab.io import atomic_write_json
-from budget_lab.rundir import LAUNCH_FILE, LaunchRecord, read_launch
+from budget_lab.io import atomic_write_text, yaml_dump
+from budget_lab.launch.backend import BACKENDS, backend_for
+from budget_lab.launch.job import EvalPlan, TrainJob
+from budget_lab.launch.status import run_status
+from budget_lab.rundir import LaunchRecord, RunDir, read_config, read_launch, write_launch
+from budget_lab.workspace import Workspace
+
+if TYPE_CHECKING:
+    from budget_lab.launch.cluster import ClusterConfig
 
 __all__ = [
     "LaunchRecord",
@@ -62,7 +71,7 @@ class Placement:
     nodes: int = 1
     gpus_per_node: int | None = None  # None: all of a node's GPUs
 
-    def resolve(self, cluster) -> tuple[int, int]:
+    def resolve(self, cluster: ClusterConfig) -> tuple[int, int]:
         gpus = cluster.gpus_per_node if self.gpus_per_node is None else self.gpus_per_node
         cluster.check_request(self.nodes, gpus)
         return self.nodes, gpus
@@ -72,105 +81,24 @@ def new_launch_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
 
-def make_executor(cluster, folder: Path, nodes: int, gpus_per_node: int, name: str):
-    """A submitit executor for `cluster`, with one task per GPU (one per node without GPUs)."""
-    import submitit
-
-    tasks = max(gpus_per_node, 1)
-    if cluster.executor == "local":
-        executor = _session_local_executor()(folder=folder)
-        executor.update_parameters(
-            timeout_min=cluster.time_limit_min,
-            tasks_per_node=tasks,
-            gpus_per_node=gpus_per_node,
-            signal_delay_s=cluster.signal_delay_s,
-        )
-        return executor
-    if cluster.executor != "slurm":
-        raise ConfigError(
-            f"cluster {cluster.name!r} has executor={cluster.executor!r}; valid: local, slurm"
-        )
-    slurm = cluster.slurm
-    executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
-    params: dict[str, Any] = {
-        "timeout_min": cluster.time_limit_min,
-        "nodes": nodes,
-        "tasks_per_node": tasks,
-        "name": name,
-        "slurm_partition": slurm.partition,
-        "slurm_signal_delay_s": cluster.signal_delay_s,
-    }
-    if gpus_per_node:
-        params["slurm_gpus_per_node"] = gpus_per_node
-    if slurm.cpus_per_task:
-        params["cpus_per_task"] = slurm.cpus_per_task
-    if slurm.mem_gb:
-        params["mem_gb"] = slurm.mem_gb
-    for key, value in (
-        ("slurm_account", slurm.account),
-        ("slurm_qos", slurm.qos),
-        ("slurm_constraint", slurm.constraint),
-    ):
-        if value:
-            params[key] = value
-    if slurm.additional:
-        params["slurm_additional_parameters"] = dict(slurm.additional)
-    if slurm.setup:
-        params["slurm_setup"] = list(slurm.setup)
-    executor.update_parameters(**params)
-    return executor
+def make_executor(
+    cluster: ClusterConfig, folder: Path, nodes: int, gpus_per_node: int, name: str
+) -> submitit.Executor:
+    """A submitit executor for `cluster` (its backend's), with one task per GPU (one per node
+    without GPUs)."""
+    backend = backend_for(cluster.executor, cluster=cluster.name)
+    return backend.make_executor(cluster, folder, nodes, gpus_per_node, name)
 
 
-def _session_local_executor() -> type:
-    """submitit's LocalExecutor, whose job controllers (and so their tasks) start in a session of
-    their own. Otherwise they share the launching terminal's process group: Ctrl-C on a
-    `budget-lab sweep` or `launch --wait` would kill the running jobs, and closing the terminal
-    would hang them up. Only the launcher stops; its jobs run on, and are re-attached later."""
-    import submitit
-    from submitit.local import local
-
-    class SessionLocalExecutor(submitit.LocalExecutor):
-        def _submit_command(self, command: str):
-            # submitit.local.local.LocalExecutor._submit_command and start_controller, but the
-            # controller process starts with start_new_session=True.
-            params = self.parameters
-            ntasks = params.get("tasks_per_node", 1)
-            n_gpus = params.get("gpus_per_node", 0)
-            visible = params.get("visible_gpus", ())
-            gpus = range(n_gpus) if visible == () else visible[:n_gpus]
-            setup = params.get("setup", ())
-            env = dict(os.environ)
-            env.update(
-                SUBMITIT_LOCAL_NTASKS=str(ntasks),
-                SUBMITIT_LOCAL_COMMAND=command,
-                SUBMITIT_LOCAL_TIMEOUT_S=str(int(60 * params.get("timeout_min", 2.0))),
-                SUBMITIT_LOCAL_SIGNAL_DELAY_S=str(int(params.get("signal_delay_s", 30))),
-                SUBMITIT_LOCAL_NODEID="0",
-                SUBMITIT_LOCAL_JOB_NUM_NODES="1",
-                SUBMITIT_STDERR_TO_STDOUT="1" if params.get("stderr_to_stdout", False) else "",
-                SUBMITIT_EXECUTOR="local",
-                CUDA_VISIBLE_DEVICES=",".join(str(k) for k in gpus),
-                SUBMITIT_LOCAL_WITH_SHELL="1" if setup else "",
-            )
-            cmd: Any = [sys.executable, "-m", "submitit.local._local", str(self.folder)]
-            if setup:
-                import shlex
-
-                cmd = " && ".join([*setup, shlex.join(cmd)])
-            process = subprocess.Popen(cmd, shell=bool(setup), env=env, start_new_session=True)
-            return local.LocalJob(
-                folder=self.folder,
-                job_id=str(process.pid),
-                process=process,
-                tasks=list(range(ntasks)),
-            )
-
-    return SessionLocalExecutor
-
-
-def _job_for(cfg_dict, run_dir, cluster, nodes, gpus, eval_plan, stop_after_phase=None):
-    from budget_lab.launch.job import TrainJob
-
+def _job_for(
+    cfg_dict: dict[str, Any],
+    run_dir: Path,
+    cluster: ClusterConfig,
+    nodes: int,
+    gpus: int,
+    eval_plan: EvalPlan | None,
+    stop_after_phase: int | None = None,
+) -> TrainJob:
     devices = nodes * max(gpus, 1)
     return TrainJob(
         str(run_dir),
@@ -189,56 +117,47 @@ def _job_for(cfg_dict, run_dir, cluster, nodes, gpus, eval_plan, stop_after_phas
 def _price_cache_dir(run_dir: str | os.PathLike[str]) -> str | None:
     """The workspace's AWS spot price cache for a run folder workspace/runs/<run> (what the
     ledger's sync uses), so that the job's live spend reads the same history."""
-    path = Path(run_dir).resolve()
-    return str(path.parent.parent / "cache" / "prices") if path.parent.name == "runs" else None
+    home = Workspace.of_run(run_dir)
+    return str(home.prices_cache_dir) if home is not None else None
 
 
-def _submit_phase_jobs(executor, cluster, cfg_dict, run_dir, nodes, gpus, eval_plan) -> list:
-    """One job per phase, each starting once the previous one ended well (Slurm afterok); a
-    failed phase cancels the jobs after it (kill-on-invalid-dep)."""
+def _phase_jobs(
+    cfg_dict: dict[str, Any],
+    run_dir: Path,
+    cluster: ClusterConfig,
+    nodes: int,
+    gpus: int,
+    eval_plan: EvalPlan | None,
+) -> list[TrainJob]:
+    """One job per phase, each stopping after its own phase (the last runs to the end): to be
+    submitted as a chain, each starting once the previous one ended well; a failed phase
+    cancels the jobs after it."""
     n = len(cfg_dict["phases"])
-    extra = dict(cluster.slurm.additional) if cluster.slurm else {}
-    jobs: list = []
-    for i in range(n):
-        job = _job_for(cfg_dict, run_dir, cluster, nodes, gpus, eval_plan, i if i < n - 1 else None)
-        if jobs:
-            executor.update_parameters(
-                slurm_additional_parameters={
-                    **extra,
-                    "dependency": f"afterok:{jobs[-1].job_id}",
-                    "kill_on_invalid_dep": "yes",
-                }
-            )
-        jobs.append(executor.submit(job))
-    return jobs
+    return [
+        _job_for(cfg_dict, run_dir, cluster, nodes, gpus, eval_plan, i if i < n - 1 else None)
+        for i in range(n)
+    ]
 
 
-def _prepare_run_folder(cfg, run_dir: Path) -> dict[str, Any]:
+def _prepare_run_folder(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     """Write config.yaml (or check it matches) before the job starts: a queued run is visible."""
-    from budget_lab.config import run_config_to_dict
-    from budget_lab.io import yaml_dump, yaml_load
-
     resolved = run_config_to_dict(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "config.yaml"
-    if path.is_file():
-        saved = yaml_load(path.read_text())
-        if saved != resolved:
-            raise ConfigError(
-                f"{run_dir} already holds a run with a different configuration; launch it under a "
-                "new --name, or with the same recipe and overrides to resume it"
-            )
-    else:
-        from budget_lab.io import atomic_write_text
-
-        atomic_write_text(path, yaml_dump(resolved))
+    saved = read_config(run_dir)
+    if saved is None:
+        atomic_write_text(RunDir(run_dir).config, yaml_dump(resolved))
+    elif saved != resolved:
+        raise ConfigError(
+            f"{run_dir} already holds a run with a different configuration; launch it under a "
+            "new --name, or with the same recipe and overrides to resume it"
+        )
     return resolved
 
 
 def launch_runs(
     runs: list[tuple[str, Any]],
-    cluster,
-    workspace,
+    cluster: ClusterConfig,
+    workspace: Workspace,
     placement: Placement | None = None,
     *,
     sweep: str | None = None,
@@ -248,7 +167,8 @@ def launch_runs(
 ) -> list[LaunchRecord]:
     """Submit several runs `[(name, RunConfig), ...]` as one submitit job array (one launch).
     `phase_jobs` (one run, Slurm): each phase as its own job, dependent on the one before."""
-    if phase_jobs and (cluster.executor != "slurm" or len(runs) != 1):
+    chains = cluster.executor in BACKENDS and BACKENDS[cluster.executor].chains_jobs
+    if phase_jobs and (not chains or len(runs) != 1):
         raise ConfigError(
             "phases as dependent jobs need a Slurm cluster and a single run (cluster "
             f"{cluster.name!r} has executor {cluster.executor!r}); on this machine the phases "
@@ -259,16 +179,16 @@ def launch_runs(
     placement = placement or Placement()
     nodes, gpus = placement.resolve(cluster)
     launch_id = new_launch_id()
-    folder = Path(workspace.jobs_dir) / launch_id
+    folder = workspace.job_dir(launch_id)
     folder.mkdir(parents=True, exist_ok=False)
     trials = trials or [None] * len(runs)
     eval_plans = eval_plans or [None] * len(runs)
     jobs_in, run_dirs = [], []
     for (name, cfg), plan in zip(runs, eval_plans, strict=True):
-        run_dir = Path(workspace.runs_dir) / name
-        if (run_dir / LAUNCH_FILE).is_file():
+        run_dir = workspace.run_dir(name)
+        if RunDir(run_dir).launch.is_file():
             old = read_launch(run_dir)
-            state = _quick_state(run_dir)
+            state = run_status(run_dir).state
             if state in ("running", "queued"):
                 raise UserError(
                     f"run {name!r} is already {state} (launch {old.launch_id if old else '?'}, "
@@ -299,22 +219,18 @@ def launch_runs(
             trial=trial,
             cluster_file=getattr(cluster, "source", None) or cluster.name,
         )
-        atomic_write_json(run_dir / LAUNCH_FILE, asdict(record))
+        write_launch(record)
         records.append(record)
 
     executor = make_executor(
         cluster, folder, nodes, gpus, name=runs[0][0] if len(runs) == 1 else f"array-{launch_id}"
     )
-    import submitit
-
     try:
         if phase_jobs:
             job = jobs_in[0]
-            jobs = [
-                _submit_phase_jobs(
-                    executor, cluster, job.config, run_dirs[0], nodes, gpus, job.eval_plan
-                )
-            ]
+            phases = _phase_jobs(job.config, run_dirs[0], cluster, nodes, gpus, job.eval_plan)
+            chain = backend_for(cluster.executor).submit_chain(executor, cluster, phases)
+            jobs: list[Any] = [chain]
         elif len(jobs_in) == 1:
             jobs = [executor.submit(jobs_in[0])]
         else:
@@ -325,9 +241,9 @@ def launch_runs(
             f"(`budget-lab clusters show {cluster.name}`) and that the scheduler is reachable"
         ) from err
     crash_point("after-submit")
-    for record, run_dir, job in zip(records, run_dirs, jobs, strict=True):
+    for record, job in zip(records, jobs, strict=True):
         record.job_ids = [str(j.job_id) for j in (job if isinstance(job, list) else [job])]
-        atomic_write_json(run_dir / LAUNCH_FILE, asdict(record))
+        write_launch(record)
     return records
 
 
@@ -335,15 +251,13 @@ def crash_point(name: str) -> None:
     """Fault injection for the crash-window tests: SIGKILL this process when the environment
     variable BUDGET_LAB_CRASH_AT names this point (never set outside tests)."""
     if os.environ.get("BUDGET_LAB_CRASH_AT") == name:
-        import signal
-
         os.kill(os.getpid(), signal.SIGKILL)
 
 
 def launch_run(
-    cfg,
-    cluster,
-    workspace,
+    cfg: RunConfig,
+    cluster: ClusterConfig,
+    workspace: Workspace,
     name: str,
     placement: Placement | None = None,
     *,
@@ -364,9 +278,3 @@ def launch_run(
         eval_plans=[eval_plan],
         phase_jobs=phase_jobs,
     )[0]
-
-
-def _quick_state(run_dir: Path) -> str:
-    from budget_lab.launch.status import run_status
-
-    return run_status(run_dir).state

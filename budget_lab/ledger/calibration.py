@@ -38,6 +38,8 @@ from typing import Any
 
 from budget_lab.errors import ConfigError, DataError
 from budget_lab.io import atomic_write_json, read_jsonl
+from budget_lab.rundir import RunDir, read_config, read_eval
+from model.config import get_preset
 
 __all__ = [
     "PAPER",
@@ -197,7 +199,6 @@ def paper_entries() -> list[CalibrationEntry]:
 @cache
 def native_resolution(preset: str) -> int:
     """The image side (pixels) a preset is configured for: latent grid x 8 (VAE) or x 1 (pixels)."""
-    from model.config import get_preset
 
     cfg = get_preset(preset)
     return cfg.input_size * (1 if cfg.in_channels == 3 else 8)
@@ -205,8 +206,7 @@ def native_resolution(preset: str) -> int:
 
 @cache
 def _training_flops(preset: str, resolution: int, mask_ratio: float) -> int:
-    from model.config import get_preset
-    from model.summary import count_flops
+    from model.summary import count_flops  # torch: only for a preset not yet measured
 
     cfg = get_preset(preset)
     factor = 1 if cfg.in_channels == 3 else 8
@@ -440,13 +440,16 @@ def time_training_step(
     device: str | None = None,
     seed: int = 0,
     model_cfg: Any = None,
+    dtype: Any = None,
+    compile_model: bool = False,
 ) -> float:
     """Median seconds of one full training step (EDM loss, backward, AdamW) of a preset (or of
     `model_cfg`, a MicroDiTConfig, e.g. with routes) on one device: fp32 on CPU, bf16 autocast on
-    a GPU. Random inputs: only the speed is measured."""
+    a GPU (or `dtype`), the model through torch.compile with `compile_model`. Random inputs: only
+    the speed is measured. The benchmarks (bench/model_step.py) time with this one too."""
+    # torch and the model: imported by what measures (a benchmark), not by what estimates
     import torch
 
-    from model.config import get_preset
     from model.edm import EDMPrecond, edm_loss
     from model.microdit import MicroDiT
 
@@ -454,10 +457,12 @@ def time_training_step(
     factor = 1 if cfg.in_channels == 3 else 8
     size = (resolution // factor) if resolution else cfg.input_size
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if dtype is None:
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     torch.manual_seed(seed)
     net = MicroDiT(cfg).to(dev)
     precond = EDMPrecond(net, sigma_data=0.5)
+    step_fn = torch.compile(precond) if compile_model else precond
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     y = torch.randn(batch, cfg.in_channels, size, size, device=dev)
     captions = torch.randn(batch, cfg.caption_len, cfg.caption_dim, device=dev)
@@ -467,7 +472,7 @@ def time_training_step(
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = edm_loss(precond, y, captions, mask_ratio=mask_ratio)
+            loss = edm_loss(step_fn, y, captions, mask_ratio=mask_ratio)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -531,23 +536,18 @@ def calibrate_from_run(
 ) -> list[CalibrationEntry]:
     """Record the throughput a finished run measured (metrics.jsonl images_per_s, median per
     phase, the first row of each segment left out as warm-up), divided by its `devices`."""
-    from budget_lab.io import yaml_load
-
     run = Path(run_dir)
-    config_path = run / "config.yaml"
-    if not config_path.is_file():
-        raise DataError(f"{run} has no config.yaml: pass a run folder (workspace/runs/<run>)")
-    cfg = yaml_load(config_path.read_text())
+    cfg = read_config(run)
+    if cfg is None:
+        raise DataError(
+            f"{run} holds no run (no run config): pass a run folder (workspace/runs/<run>)"
+        )
     preset = str(cfg["model"]["preset"])
     phases = {p["name"]: p for p in cfg.get("phases", [])}
     rows: dict[str, list[float]] = {}
     first_seen: set[Any] = set()
-    metrics = run / "metrics.jsonl"
-    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
+    metrics = RunDir(run).metrics
+    for row in read_jsonl(metrics):
         segment = (row.get("segment"), row.get("phase"))
         if segment not in first_seen:  # warm-up (compilation, data loader start) in this window
             first_seen.add(segment)
@@ -593,11 +593,8 @@ def learn_from_run(
     seconds over the images trained, metrics.jsonl). Returns the new measurements (none for a
     run that never reached a training step, or one learned before: call it once the run is
     settled; calling it again is a no-op that reads only the ledger and calibration.json)."""
-    from budget_lab.io import yaml_load
-
     run = Path(run_dir)
-    config_path = run / "config.yaml"
-    if not config_path.is_file():
+    if not RunDir(run).config.is_file():
         return []
     segments = ledger.segments(run=run.name, with_parts=True)
     if not segments or not any(s.parts for s in segments):
@@ -607,7 +604,7 @@ def learn_from_run(
     calibration = Calibration.load(workspace)
     if run_key in calibration.learned:
         return []
-    cfg = yaml_load(config_path.read_text())
+    cfg = read_config(run) or {}
     model = cfg.get("model") if isinstance(cfg, dict) else None
     if not isinstance(model, dict) or not model.get("preset"):
         return []  # not a run config budget-lab wrote: nothing to learn from
@@ -620,7 +617,7 @@ def learn_from_run(
         for part in seg.parts:
             key = (part.activity, part.phase)
             seconds[key] = seconds.get(key, 0.0) + part.seconds
-    rows = read_jsonl(run / "activity.jsonl")
+    rows = read_jsonl(RunDir(run).activity)
     count: dict[str, int] = {}
     for r in rows:
         count[str(r.get("activity"))] = count.get(str(r.get("activity")), 0) + 1
@@ -659,7 +656,7 @@ def learn_from_run(
     # Training wall clock per phase: images trained over train seconds x devices.
     phases = {p["name"]: p for p in cfg.get("phases", [])}
     steps: dict[str, int] = {}
-    for r in read_jsonl(run / "metrics.jsonl"):
+    for r in read_jsonl(RunDir(run).metrics):
         name = r.get("phase")
         if name in phases and isinstance(r.get("phase_step"), int):
             steps[name] = max(steps.get(name, 0), r["phase_step"])
@@ -686,15 +683,9 @@ def learn_from_run(
 
 def _eval_units(run: Path) -> int:
     """Generated samples x sampler steps of every FID the run measured (rungs and final)."""
-    final = {}
-    with_final = run / "eval.json"
-    if with_final.is_file():
-        try:
-            final = json.loads(with_final.read_text())
-        except ValueError:
-            final = {}
+    final = read_eval(run) or {}
     steps = int(final.get("sampler_steps") or 0)
     units = int(final.get("num_samples") or 0) * steps
-    for r in read_jsonl(run / "rungs.jsonl"):
+    for r in read_jsonl(RunDir(run).rungs):
         units += int(r.get("num_samples") or 0) * int(r.get("sampler_steps") or steps)
     return units

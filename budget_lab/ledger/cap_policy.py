@@ -61,7 +61,8 @@ __all__ = [
 #: controller kills it: the stated stop latency is one step + this + one poll.
 KILL_GRACE_S = 10.0
 
-#: Seconds from SIGTERM to SIGKILL when the controller kills a local job (`launch.status._kill`).
+#: Seconds from SIGTERM to SIGKILL when the controller kills a local job: the local backend's
+#: `budget_lab.launch.local.KILL_GRACE_S` (not imported: this policy stays free of submitit).
 KILL_TERM_S = 5.0
 
 #: The same for a Slurm job: scancel's SIGTERM, then SIGKILL after the cluster's KillWait (30 s

@@ -159,7 +159,7 @@ def check_budget(
     now = time.time() if now is None else now
     opened = None
     if ledger is None:
-        from budget_lab.ledger.store import Ledger
+        from budget_lab.ledger.store import Ledger  # SQLAlchemy: only when the ledger is read
 
         ledger = opened = Ledger.for_workspace(workspace)
     try:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from budget_lab.io import atomic_write_json
 from budget_lab.ledger.calibration import (
     PAPER,
     Calibration,
@@ -34,9 +35,10 @@ from budget_lab.ledger.calibration import (
     native_resolution,
     routing_key,
 )
+from budget_lab.rundir import RunDir
+from budget_lab.units import usd
 
 __all__ = [
-    "ESTIMATE_FILE",
     "PhaseEstimate",
     "Estimate",
     "estimate_run",
@@ -45,9 +47,6 @@ __all__ = [
     "read_estimate",
     "estimate_vs_settled",
 ]
-
-#: The run folder's record of what a run was expected to cost before it was launched.
-ESTIMATE_FILE = "estimate.json"
 
 
 @dataclass(frozen=True)
@@ -298,9 +297,7 @@ def write_estimate(
     --run`, `launch --wait` and the sweep summary print it against the settled dollars). `usd`:
     the figure the launch was checked with, when it differs from the estimate's (a sweep trial
     capped at its trial budget)."""
-    from budget_lab.io import atomic_write_json
-
-    path = Path(run_dir) / ESTIMATE_FILE
+    path = RunDir(run_dir).estimate
     atomic_write_json(
         path,
         {
@@ -325,7 +322,7 @@ def read_estimate(run_dir: str | os.PathLike[str]) -> float | None:
     """The dollars of a run folder's estimate.json; None when it has none (a run launched
     before estimates were kept) or it is unreadable."""
     try:
-        value = json.loads((Path(run_dir) / ESTIMATE_FILE).read_text())["usd"]
+        value = json.loads(RunDir(run_dir).estimate.read_text())["usd"]
         return float(value)
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -334,8 +331,6 @@ def read_estimate(run_dir: str | os.PathLike[str]) -> float | None:
 def estimate_vs_settled(estimate_usd: float | None, settled_usd: float) -> str | None:
     """``estimate $X vs settled $Y: error +Z% (settled / estimate - 1)``; None without an
     estimate."""
-    from budget_lab.units import usd
-
     if estimate_usd is None:
         return None
     error = f"{settled_usd / estimate_usd - 1:+.0%}" if estimate_usd > 0 else "n/a"

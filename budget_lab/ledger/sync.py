@@ -13,7 +13,7 @@ Where the time comes from:
 - local: the job wrapper's `segments.jsonl`, wall clock x devices (a CPU-only machine is 1). A
   segment without an end row was killed hard; it ends at its last sign of life (a metrics or
   checkpoint row), or is still running if its process is alive on this host: the rule of
-  `budget_lab.launch.job.segment_rows`, which a job's own spend so far uses too.
+  `budget_lab.rundir.segment_rows`, which a job's own spend so far uses too.
 
 Wasted dollars (part of the cost, reported apart from useful spend):
 - a segment that ended without finishing (preempted, requeued, timed out, killed, failed) wastes
@@ -39,7 +39,6 @@ again. A real price already in the ledger is never replaced by a catalog estimat
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -51,15 +50,24 @@ from typing import Any
 
 from budget_lab.errors import ConfigError, UserError
 from budget_lab.io import read_jsonl
-from budget_lab.launch.activity import ACTIVITY_FILE
-from budget_lab.launch.job import segment_alive, segment_rows
+from budget_lab.launch.cluster import load_cluster
+from budget_lab.launch.local import segment_alive
 from budget_lab.ledger.calibration import learn_from_run
 from budget_lab.ledger.prices import ClusterLike, PriceBook, Priced, PricePiece
 from budget_lab.ledger.sacct import SacctRecord, poll_sacct, sacct_records
 from budget_lab.ledger.store import Ledger, LedgerCorruptError, Segment, SegmentPart
-from budget_lab.rundir import PLANNED_CUTS, cut_kind, read_stop
+from budget_lab.rundir import (
+    PLANNED_CUTS,
+    RunDir,
+    cut_kind,
+    read_launch,
+    read_result,
+    read_stop,
+    segment_rows,
+)
+from budget_lab.workspace import Workspace
 
-__all__ = ["sync_run", "sync_workspace", "SyncReport", "read_launch", "TERMINAL_RUN_STATUSES"]
+__all__ = ["sync_run", "sync_workspace", "SyncReport", "TERMINAL_RUN_STATUSES"]
 
 #: result.json statuses after which nothing of the run runs any more.
 TERMINAL_RUN_STATUSES = frozenset({"completed", "failed", "cut"})
@@ -113,26 +121,11 @@ class SyncReport:
     learned: list[str] = field(default_factory=list)  # settled runs the calibration learned from
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def read_launch(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The run folder's launch.json, or None when the run was not launched by `budget-lab launch`."""
-    return _read_json(Path(run_dir) / "launch.json")
-
-
 # -- where the time comes from -------------------------------------------------------------------
 
 
 def _segment_rows(run_dir: Path, *, ended_at_last_sign_of_life: bool) -> list[dict[str, Any]]:
-    """segments.jsonl through the job's own reader (`budget_lab.launch.job.segment_rows`), so that
+    """segments.jsonl through the job's own reader (`budget_lab.rundir.segment_rows`), so that
     the ledger and a job's spend-so-far apply one rule: a segment without an end row whose process
     is gone was killed hard and ends at its last sign of life."""
     live = (lambda seg, last: segment_alive(seg)) if ended_at_last_sign_of_life else None
@@ -140,7 +133,7 @@ def _segment_rows(run_dir: Path, *, ended_at_last_sign_of_life: bool) -> list[di
         return segment_rows(run_dir, live)
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(
-            f"{run_dir / 'segments.jsonl'} has a malformed row ({type(err).__name__}: {err}); it "
+            f"{RunDir(run_dir).segments} has a malformed row ({type(err).__name__}: {err}); it "
             "is written by the job wrapper only: restore it from a backup or move the run folder "
             "out of the workspace"
         ) from None
@@ -405,23 +398,23 @@ def sync_run(
             "sweep) are in the ledger; launch it that way, or pass the right run folder"
         )
     now = time.time() if now is None else now
-    if price_cache_dir is None and run_path.parent.name == "runs":  # workspace/runs/<run>
-        price_cache_dir = run_path.parent.parent / "cache" / "prices"
+    home = Workspace.of_run(run_path)
+    if price_cache_dir is None and home is not None:
+        price_cache_dir = home.prices_cache_dir
     prices = prices or PriceBook(cache_dir=price_cache_dir)
-    run = str(launch.get("run") or run_path.name)
-    executor = str(launch.get("executor") or getattr(cluster, "executor", "local"))
-    result = _read_json(run_path / "result.json") or {}
+    files = RunDir(run_path)
+    run = launch.run or run_path.name
+    executor = launch.executor
+    result = read_result(run_path) or {}
     status = result.get("status")
-    metrics = read_jsonl(run_path / "metrics.jsonl")
-    checkpoints = read_jsonl(run_path / "checkpoints.jsonl")
+    metrics = read_jsonl(files.metrics)
+    checkpoints = read_jsonl(files.checkpoint_log)
     checkpoint_times = sorted(float(c["time"]) for c in checkpoints if "time" in c)
-    activity = [
-        r for r in read_jsonl(run_path / ACTIVITY_FILE) if {"activity", "start", "end"} <= r.keys()
-    ]
+    activity = [r for r in read_jsonl(files.activity) if {"activity", "start", "end"} <= r.keys()]
     stop_time = _stop_time(run_path) if status == "cut" else None
 
     if executor == "slurm":
-        job_ids = [str(j) for j in launch.get("job_ids") or []]
+        job_ids = list(launch.job_ids)
         for seg in _segment_rows(run_path, ended_at_last_sign_of_life=False):  # earlier launches
             jid = str(seg.get("job_id") or "")
             if jid and jid not in job_ids:
@@ -433,11 +426,11 @@ def sync_run(
         spans = _local_spans(run_path, cluster, run, now)
     else:
         raise ConfigError(
-            f"{run_path / 'launch.json'}: executor={executor!r} is unknown; expected slurm or local"
+            f"{files.launch}: executor={executor!r} is unknown; expected slurm or local"
         )
 
     existing = {s.key: s for s in ledger.segments(run=run)}
-    trial = launch.get("trial")
+    trial = launch.trial
     segments = []
     for span in spans:
         live = span.state == "RUNNING"
@@ -475,9 +468,9 @@ def sync_run(
                 nodes=span.nodes,
                 run=run,
                 phase=phase,
-                sweep=launch.get("sweep"),
+                sweep=launch.sweep,
                 trial=int(trial) if trial is not None else None,
-                launch_id=launch.get("launch_id"),
+                launch_id=launch.launch_id or None,
                 parts=_split(span, priced, wasted, wasted_from, timeline),
             )
         )
@@ -486,8 +479,6 @@ def sync_run(
 
 
 def _load_cluster(name: str) -> ClusterLike:
-    from budget_lab.launch.cluster import load_cluster
-
     return load_cluster(name)
 
 
@@ -512,12 +503,16 @@ def sync_workspace(
     known: dict[str, ClusterLike] = {}
     folders = workspace.run_dirs() if runs is None else [workspace.run_dir(r) for r in runs]
     for folder in folders:
-        launch = read_launch(folder)
+        try:
+            launch = read_launch(folder)
+        except UserError as err:  # a damaged launch.json: this run cannot be priced, others can
+            report.errors[folder.name] = str(err)
+            continue
         if launch is None:
             report.skipped.append(folder.name)
             continue
-        name = str(launch.get("cluster") or "")
-        before = {s.key: s for s in ledger.segments(run=str(launch.get("run") or folder.name))}
+        name = launch.cluster
+        before = {s.key: s for s in ledger.segments(run=launch.run or folder.name)}
         try:
             if name not in known:
                 known[name] = clusters(name)
@@ -557,7 +552,7 @@ def sync_workspace(
 
 def _settled(run_dir: Path, segments: list[Segment]) -> bool:
     """Whether a synced run is over and accounted: a final result.json and no running segment."""
-    result = _read_json(run_dir / "result.json") or {}
+    result = read_result(run_dir) or {}
     return (
         bool(segments)
         and result.get("status") in TERMINAL_RUN_STATUSES

@@ -36,6 +36,15 @@ from pathlib import Path
 from typing import Any
 
 from budget_lab.errors import DataError
+from budget_lab.eval.measurement import Measurement
+from budget_lab.sweep.decide import (
+    config_from_rows,
+    decide,
+    group_repeats,
+    pair_trials,
+    robust_front,
+)
+from budget_lab.sweep.spec import REPEAT_PARAM
 from budget_lab.units import usd
 
 __all__ = [
@@ -296,8 +305,6 @@ def pareto_numbers(trials: Iterable[TrialRow], cost_tolerance: float = COST_TOLE
     clearly better, i.e. its FID interval lies below this one's or it is cheaper by more than
     `cost_tolerance` (relative), and clearly worse in neither. A trial without an interval
     counts as exact at its FID (zero-width interval)."""
-    from budget_lab.eval.measurement import Measurement
-    from budget_lab.sweep.decide import robust_front
 
     scored = _scored(trials)
     fids = []
@@ -327,8 +334,6 @@ def sweep_verdict(
     the COMPLETE trials (repeats of one configuration merged, as the sweep does). `objective`
     is the sweep's (pareto when unknown); fid_per_dollar ranks by FID points per $ from
     `fid_baseline` (the untrained model's FID): None without it."""
-    from budget_lab.sweep.decide import config_from_rows, decide, group_repeats, pair_trials
-    from budget_lab.sweep.spec import REPEAT_PARAM
 
     objective = objective or "pareto"
     if objective == "fid_per_dollar" and fid_baseline is None:

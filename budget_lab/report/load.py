@@ -8,12 +8,13 @@ cost_tolerance, ...) come from ``sweeps/<name>/sweep.json`` when the sweep wrote
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 from typing import Any
 
+import optuna
+
 from budget_lab.errors import UserError
+from budget_lab.ledger import Ledger
 from budget_lab.report.data import (
     COST_TOLERANCE,
     CostPart,
@@ -23,6 +24,8 @@ from budget_lab.report.data import (
     mark_pareto,
     sweep_verdict,
 )
+from budget_lab.rundir import RunDir, SweepDir, read_json
+from budget_lab.sweep.storage import default_storage, open_storage, study_exists
 
 __all__ = ["load_report_data", "list_sweeps_in"]
 
@@ -31,7 +34,6 @@ def list_sweeps_in(workspace) -> list[str]:
     root = workspace.sweeps_dir
     if not root.is_dir():
         return []
-    from budget_lab.sweep.storage import default_storage, study_exists
 
     return sorted(
         p.name
@@ -43,10 +45,10 @@ def list_sweeps_in(workspace) -> list[str]:
 def _grid(run_dir: str | None) -> str | None:
     if not run_dir:
         return None
-    samples = Path(run_dir) / "samples"
-    for name in ("eval-trained.png",):
-        if (samples / name).is_file():
-            return str(samples / name)
+    files = RunDir(run_dir)
+    if files.eval_grid().is_file():
+        return str(files.eval_grid())
+    samples = files.samples
     pngs = sorted(samples.glob("*.png")) if samples.is_dir() else []
     return str(pngs[-1]) if pngs else None
 
@@ -83,26 +85,14 @@ def _cost_tolerance(state: dict) -> float:
     return float(value) if isinstance(value, (int, float)) else COST_TOLERANCE
 
 
-def _read_json(path: Path) -> dict:
-    """The JSON object in `path`; {} when the file is missing or not a JSON object."""
-    try:
-        raw = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return raw if isinstance(raw, dict) else {}
-
-
-def _fid_baseline(folder: Path) -> float | None:
+def _fid_baseline(folder: SweepDir) -> float | None:
     """fid_per_dollar's untrained-model FID from the sweep's fid_ref.json, when it holds one."""
-    values = list(_read_json(folder / "fid_ref.json").values())
+    values = list((read_json(folder.fid_ref) or {}).values())
     return float(values[0]) if len(values) == 1 else None
 
 
 def load_report_data(workspace, sweep: str | None = None, storage: str | None = None) -> ReportData:
     """Trials of `sweep` (all runs' spend when None) and the ledger's priced segments."""
-    import optuna
-
-    from budget_lab.ledger import Ledger
 
     ledger = Ledger.for_workspace(workspace)
     segments = ledger.segments(sweep=sweep, with_parts=True)
@@ -132,7 +122,6 @@ def load_report_data(workspace, sweep: str | None = None, storage: str | None = 
                 f"no sweep {sweep!r} in {workspace.sweeps_dir}; sweeps there: "
                 f"{', '.join(known) or 'none yet (run `budget-lab sweep mask_ratio`)'}"
             )
-        from budget_lab.sweep.storage import default_storage, open_storage
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.load_study(
@@ -164,8 +153,8 @@ def load_report_data(workspace, sweep: str | None = None, storage: str | None = 
                     **_estimate(t.user_attrs, sum(s.cost_usd for s in segs)),
                 )
             )
-        folder = workspace.sweep_dir(sweep)
-        state = _read_json(folder / "sweep.json")
+        folder = SweepDir(workspace.sweep_dir(sweep))
+        state = read_json(folder.state) or {}
         objective, formula = state.get("objective"), state.get("objective_formula")
         stop_reason, budget = state.get("stop_reason"), state.get("budget_usd")
         tolerance = _cost_tolerance(state)
@@ -173,7 +162,7 @@ def load_report_data(workspace, sweep: str | None = None, storage: str | None = 
         verdict = (
             sweep_verdict(trials, objective, tolerance, _fid_baseline(folder))
             or state.get("verdict")
-            or _read_json(folder / "summary.json").get("verdict")
+            or (read_json(folder.summary) or {}).get("verdict")
         )
     data = ReportData(
         title=f"Sweep {sweep}" if sweep else f"Spend in {workspace.root}",

@@ -13,7 +13,6 @@ and running trials are cut (checkpoint, status "cut") once the spend reaches it.
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import itertools
 import json
@@ -31,9 +30,9 @@ from optuna.trial import TrialState
 
 from budget_lab.config import model_config, run_config_from_dict
 from budget_lab.errors import ConfigError, UserError
-from budget_lab.io import atomic_write_json, yaml_load
+from budget_lab.io import atomic_write_json, read_jsonl
 from budget_lab.launch import launch_run, read_launch
-from budget_lab.launch.job import EvalPlan, read_jsonl, segment_rows
+from budget_lab.launch.job import EvalPlan
 from budget_lab.launch.notify import Listener
 from budget_lab.launch.status import FINAL_STATES, cancel_run, run_status
 from budget_lab.launch.submit import crash_point
@@ -54,7 +53,19 @@ from budget_lab.ledger.cap_policy import (
     launch_headroom,
 )
 from budget_lab.ledger.estimate import write_estimate
-from budget_lab.rundir import CutKind, cut_kind, read_stop, request_stop_file
+from budget_lab.rundir import (
+    CutKind,
+    RunDir,
+    SweepDir,
+    cut_kind,
+    is_prepared_data,
+    read_config,
+    read_eval,
+    read_stop,
+    request_stop_file,
+    segment_rows,
+    write_launch,
+)
 from budget_lab.sweep.compose import TrialComposer, budget_steps
 from budget_lab.sweep.decide import config_from_rows, decide, group_repeats, pair_trials
 from budget_lab.sweep.objectives import objective_values
@@ -63,7 +74,7 @@ from budget_lab.sweep.sampler import grid_search_space, make_sampler, study_dire
 from budget_lab.sweep.spec import REPEAT_PARAM
 from budget_lab.sweep.storage import default_storage, open_storage
 
-__all__ = ["SweepController", "SweepSummary", "default_storage", "ensure_builtin_data"]
+__all__ = ["SweepController", "SweepSummary", "default_storage"]
 
 
 @dataclass
@@ -87,28 +98,6 @@ class SweepSummary:
     report_path: str | None = None
 
 
-def ensure_builtin_data(path: Path, n: int = 2500, progress: bool = True) -> Path:
-    """The built-in synthetic captioned shapes, prepared as 32 px pixels + MiniLM captions, made
-    once (a few tens of seconds on a laptop CPU) and reused by every sweep of the workspace:
-    90 % to train on, 10 % (250) held out as the validation split, the FID/KID reference (its
-    InceptionV3 features cost ~0.4 s an image on 2 CPU cores, once per workspace)."""
-    # Imported here: data preparation imports torch, which a sweep whose data is ready (or
-    # that runs on a cluster) never needs.
-    from budget_lab.data.prepare import prepare_dataset
-    from budget_lab.data.synth import synth_dataset
-
-    if (path / "manifest.json").is_file():
-        return path
-    images = path.parent / (path.name + "-images")
-    if progress:
-        print(f"preparing the built-in synthetic data ({n} captioned images) in {path} ...")
-    synth_dataset(images, n=n, res=32, seed=0, val_fraction=0.1, progress=progress)
-    prepare_dataset(
-        images, path, resolutions=(32,), vae="pixel", text_encoder="minilm", progress=progress
-    )
-    return path
-
-
 class SweepController:
     """Runs (or resumes) one sweep to its end: trials done, budget spent, or nothing fits."""
 
@@ -128,6 +117,7 @@ class SweepController:
     ):
         self.spec = spec
         self.workspace = workspace.ensure()
+        self._folder = SweepDir(self.workspace.sweep_dir(spec.name))
         self.cluster = cluster
         self.budget_usd = budget_usd if budget_usd is not None else spec.budget_usd
         self.n_trials = n_trials if n_trials is not None else spec.n_trials
@@ -377,7 +367,7 @@ class SweepController:
         """Report new rungs, prune, and tell a finished trial. True when the trial is over."""
         run_dir = Path(info["run_dir"])
         trial: optuna.Trial = info["trial"]
-        for row in self._new_rows(info, run_dir / "rungs.jsonl"):
+        for row in self._new_rows(info, RunDir(run_dir).rungs):
             key = (row["kind"], row.get("rung_usd"))
             if key in info["reported"]:
                 continue
@@ -420,8 +410,8 @@ class SweepController:
         trial.set_user_attr("status", st.state)
         result = st.result or {}
         scores = result.get("eval") or {}
-        if scores.get("fid") is None and (run_dir / "eval.json").is_file():
-            scores = json.loads((run_dir / "eval.json").read_text())
+        if scores.get("fid") is None:
+            scores = read_eval(run_dir) or scores
         fid = scores.get("fid")
         budget_cut = cut_kind(result) == CutKind.TRIAL_BUDGET
         if info.get("cap_killed"):
@@ -492,9 +482,9 @@ class SweepController:
         from budget_lab.eval.evaluate import score_model
         from model.microdit import MicroDiT
 
-        cfg = run_config_from_dict(yaml_load((run_dir / "config.yaml").read_text()))
+        cfg = run_config_from_dict(read_config(run_dir) or {})
         key = f"{cfg.data.path}|{cfg.eval.fid_samples}|{cfg.eval.sampler_steps}|{cfg.model}"
-        path = self.workspace.sweep_dir(self.spec.name) / "fid_ref.json"
+        path = self._folder.fid_ref
         refs = json.loads(path.read_text()) if path.is_file() else {}
         if key not in refs:
             torch.manual_seed(cfg.seed)
@@ -632,7 +622,7 @@ class SweepController:
             return  # the data may live where only the cluster's nodes see it
         cfg = self._trials().without_params()
         cfg.data.path = str(Path(cfg.data.path).resolve())
-        if not (Path(cfg.data.path) / "manifest.json").is_file():
+        if not is_prepared_data(cfg.data.path):
             return  # the trials fail with the data error; nothing to prepare
         self._say("preparing the FID reference and the alignment reader (once per data set)")
         done = prepare_references(cfg, device="cpu")
@@ -680,7 +670,7 @@ class SweepController:
             if frozen.user_attrs.get("job_ids") is None:
                 trial.set_user_attr("job_ids", record.job_ids)
                 # ids recovered from the submitit folder: into launch.json for every reader
-                atomic_write_json(Path(run_dir) / "launch.json", dataclasses.asdict(record))
+                write_launch(record)
             self.active[frozen.number] = {
                 "trial": trial,
                 "run_dir": run_dir,
@@ -694,7 +684,7 @@ class SweepController:
         """One controller per sweep: an exclusive lock on sweeps/<name>/controller.lock, held
         while this controller runs and released by the kernel when its process ends (even by
         SIGKILL). A second controller is refused with the holder's pid and host."""
-        path = self.workspace.sweep_dir(self.spec.name) / "controller.lock"
+        path = self._folder.lock
         path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(path, "a+")  # noqa: SIM115 - held open for the controller's lifetime
         try:
@@ -922,7 +912,7 @@ def _step_seconds(run_dir: Path) -> float:
     """Seconds per optimizer step of a run, from its metrics (UNMEASURED_STEP_S, 5 s, before
     the first row)."""
     try:  # the last rows only: this runs at every budget-guard check of every running trial
-        with open(run_dir / "metrics.jsonl", "rb") as f:
+        with open(RunDir(run_dir).metrics, "rb") as f:
             start = max(f.seek(0, os.SEEK_END) - 4096, 0)
             f.seek(start)
             tail = f.read().decode(errors="ignore").splitlines()[1 if start else 0 :]

@@ -19,11 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from budget_lab.config import EvalConfig, RunConfig
+from budget_lab.config.compose import (
+    FileKind,
+    apply_overrides,
+    compose_file,
+    load_file,
+    parse_overrides,
+)
 from budget_lab.config_files import find_config, list_configs
 from budget_lab.errors import ConfigError, check
 from budget_lab.sweep.compose import DERIVED_TARGETS, base_config, check_against_recipe
@@ -514,20 +520,33 @@ def _check_keys(raw: dict[str, Any], where: str) -> None:
             check(key in valid, f"{where}: params[{k}] key", key, f"valid keys: {', '.join(valid)}")
 
 
+_SWEEP = FileKind(
+    "sweeps",
+    "sweep",
+    "sweep keys (name:, recipe:, params:, objective:, ...; see sweeps/README.md)",
+    "compare with sweeps/mask_ratio.yaml",
+)
+_OVERRIDE_HELP = "write key=value (e.g. n_trials=3, params.0.high=0.9), ~key to delete one"
+
+
+def _sweep_key_exists(key: str) -> bool:
+    """Whether `key` is a SweepSpec key (params.<i>.<ParamSpec key>, eval.<anything>); an
+    unknown one is a ConfigError listing the valid keys."""
+    parts = key.split(".")
+    valid = _field_names(SweepSpec)
+    check(parts[0] in valid, "override key", key, f"valid sweep keys: {', '.join(valid)}")
+    if parts[0] == "params" and len(parts) > 2:
+        valid = _field_names(ParamSpec)
+        check(parts[2] in valid, "override key", key, f"valid keys: {', '.join(valid)}")
+    return True
+
+
 def _build(raw: dict[str, Any], overrides: list[str] | tuple[str, ...], where: str) -> SweepSpec:
     _check_keys(raw, where)
     try:
         node = OmegaConf.merge(OmegaConf.structured(SweepSpec), OmegaConf.create(raw))
-        for item in overrides:
-            check("=" in item, "override", item, "expected key=value (e.g. n_trials=3)")
-            key, value = (s.strip() for s in item.split("=", 1))
-            parts = key.split(".")
-            valid = _field_names(SweepSpec)
-            check(parts[0] in valid, "override key", key, f"valid sweep keys: {', '.join(valid)}")
-            if parts[0] == "params" and len(parts) > 2:
-                valid = _field_names(ParamSpec)
-                check(parts[2] in valid, "override key", key, f"valid keys: {', '.join(valid)}")
-            OmegaConf.update(node, key, yaml.safe_load(value), merge=True)
+        parsed = parse_overrides(overrides, _sweep_key_exists, _OVERRIDE_HELP)
+        apply_overrides(node, parsed, where, "the key then takes its default")
         spec = OmegaConf.to_object(node)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
@@ -536,23 +555,30 @@ def _build(raw: dict[str, Any], overrides: list[str] | tuple[str, ...], where: s
             f"{where}: invalid sweep{f' value at {key!r}' if key else ''}: {msg}"
         ) from None
     except ConfigError as err:
+        if str(err).startswith(where):
+            raise
         raise ConfigError(f"{where}: {err}") from None
     assert isinstance(spec, SweepSpec)
     return spec
 
 
 def load_sweep(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepSpec:
-    """Load a sweep (a name in sweeps/ or a path), apply `key=value` overrides, validate it and
-    compose its recipe with every param's extreme values."""
+    """Load a sweep (a name in the user's or the project's sweeps/, or a path), composed by
+    Hydra (a sweep may extend another through its defaults list), apply overrides in Hydra's
+    grammar (n_trials=3, params.0.high=0.9), validate it and compose its recipe with every
+    param's extreme values. A sweep's name is its own `name:` or its file's name, never the
+    name of a sweep it extends (each sweep has its own study)."""
     path = sweep_path(name_or_path)
+    own = load_file(path, _SWEEP)
+    node = compose_file(path, _SWEEP, loaded=own)
+    OmegaConf.set_struct(node, False)  # keys are checked against SweepSpec, not the file
+    node.name = own.get("name") or path.stem
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    check(isinstance(raw, dict), str(path), type(raw).__name__, "expected a mapping of sweep keys")
+        raw = OmegaConf.to_container(node, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path}: {str(err).splitlines()[0]}") from None
+    assert isinstance(raw, dict)
     spec = _build(raw, overrides, str(path))
-    if not spec.name:
-        spec = dataclasses.replace(spec, name=path.stem)
     try:
         check_against_recipe(spec)
     except ConfigError as err:

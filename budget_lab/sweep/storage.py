@@ -32,6 +32,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
 from budget_lab.errors import ConfigError
+from budget_lab.rundir import SweepDir
 
 __all__ = [
     "check_storage",
@@ -39,13 +40,10 @@ __all__ = [
     "open_storage",
     "is_journal",
     "study_exists",
-    "JOURNAL_NAME",
     "STALE_LOCK_S",
     "remove_stale_lock",
 ]
 
-JOURNAL_NAME = "study.journal"
-SQLITE_NAME = "study.db"  # the default of budget-lab <= 0.1: still found and resumed
 #: A journal lock older than this (seconds) was left by a killed process: an append holds it for
 #: milliseconds. Also Optuna's own grace period when a lock it waits on stops changing.
 STALE_LOCK_S = 10
@@ -53,12 +51,12 @@ STALE_LOCK_S = 10
 
 def default_storage(workspace, sweep: str) -> str:
     """The sweep's storage in the workspace: its journal file (or an older SQLite study.db)."""
-    folder = workspace.sweep_dir(sweep)
-    folder.mkdir(parents=True, exist_ok=True)
-    legacy = folder / SQLITE_NAME
-    if legacy.is_file() and not (folder / JOURNAL_NAME).is_file():
+    folder = SweepDir(workspace.sweep_dir(sweep))
+    folder.path.mkdir(parents=True, exist_ok=True)
+    legacy = folder.legacy_db
+    if legacy.is_file() and not folder.journal.is_file():
         return f"sqlite:///{legacy}"
-    return str(folder / JOURNAL_NAME)
+    return str(folder.journal)
 
 
 def is_journal(storage: str) -> bool:
@@ -86,7 +84,7 @@ def check_storage(storage: str) -> None:
     if path.is_dir():
         raise ConfigError(
             f"storage {storage!r} is a folder; expected a journal file (e.g. "
-            f"{path / JOURNAL_NAME}) or a database URL (sqlite:///PATH, postgresql+psycopg://...)"
+            f"{SweepDir(path).journal}) or a database URL (sqlite:///PATH, postgresql+psycopg://...)"
         )
     if not path.parent.is_dir():
         raise ConfigError(

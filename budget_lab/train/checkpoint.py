@@ -16,6 +16,20 @@ Loading never runs code and never loses a checkpoint:
   the previous checkpoint is used; the bad one is renamed `*.corrupt` only once an older checkpoint
   has loaded. When none loads, every file stays in place and `CheckpointError` says so: a run never
   restarts from step 0 because its checkpoints could not be read.
+
+What a checkpoint holds (`checkpoint_payload` writes it; `restore_payload` and then, once the
+phase's optimizer exists, `restore_phase_states` read it back): a dict of tensors and plain
+containers, version 1.
+
+    version        1 (`CHECKPOINT_VERSION`)
+    model          the network's state dict (whole, also under FSDP)
+    ema            the EMA copy's state dict, or None when the run keeps no EMA
+    phase_states   the phase in progress: its "optimizer", "scheduler" and "loader" state dicts
+    rng            "gen": the noise generator, "torch": the CPU generator, "cuda": or None
+    segment        the segment (one run of the job) that wrote it
+    phase_name     the phase in progress, by name (for people and tools)
+    world_size     how many processes wrote it (a resume at another size says what changes)
+    phase, phase_step, global_step, images_seen, train_seconds: the `TrainState`
 """
 
 from __future__ import annotations
@@ -27,15 +41,31 @@ import pickle
 import re
 import time
 import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
+from budget_lab.data.loader import ShardLoader
 from budget_lab.errors import TrainingError
 from budget_lab.io import atomic_write, atomic_write_text
 
-__all__ = ["CheckpointStore", "CheckpointError"]
+__all__ = [
+    "CheckpointStore",
+    "CheckpointError",
+    "TrainState",
+    "ResumePoint",
+    "checkpoint_payload",
+    "restore_payload",
+    "restore_phase_states",
+    "rng_states",
+    "CHECKPOINT_VERSION",
+]
+
+#: The layout version of what a checkpoint holds (see the module's docstring).
+CHECKPOINT_VERSION = 1
 
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
 # Temporary files of `budget_lab.io.atomic_write` for this store's files: `.<name>.<random>.tmp`.
@@ -205,3 +235,127 @@ class CheckpointStore:
                 "start over, move this folder's checkpoints away"
             )
         return None
+
+
+# -- what a checkpoint holds --------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: the counters a checkpoint carries, result.json reports and the step
+    callback sees (`as_dict`, in this order)."""
+
+    phase: int = 0  # index of the phase in progress in cfg.phases
+    phase_step: int = 0  # optimizer steps done in that phase
+    global_step: int = 0  # optimizer steps done in all phases (it names the checkpoint)
+    images_seen: int = 0  # training images consumed: global batch x steps
+    train_seconds: float = 0.0  # seconds in training steps (not checkpoints, grids, start-up)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any]) -> TrainState:
+        """The counters of a checkpoint (`checkpoint_payload`)."""
+        return cls(**{f.name: payload[f.name] for f in fields(cls)})
+
+
+class _Stateful(Protocol):
+    """What a checkpoint saves and restores of a component (a scheduler, a loader)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
+
+
+def rng_states(gen: torch.Generator, cuda: bool) -> dict[str, Any]:
+    """Every source of randomness of a training step: the noise generator, torch's CPU generator
+    and (`cuda`) the current CUDA device's."""
+    return {
+        "gen": gen.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if cuda else None,
+    }
+
+
+def checkpoint_payload(
+    state: TrainState,
+    *,
+    model: dict[str, Any],
+    ema: dict[str, Any] | None,
+    optimizer: dict[str, Any],
+    scheduler: dict[str, Any],
+    loader: dict[str, Any],
+    rng: dict[str, Any],
+    segment: int,
+    phase_name: str,
+    world_size: int,
+) -> dict[str, Any]:
+    """What a checkpoint holds (see the module's docstring), from its parts' state dicts (`model`,
+    `ema` and `optimizer` whole: gathered first under FSDP) and `rng_states`."""
+    return {
+        "version": CHECKPOINT_VERSION,
+        "model": model,
+        "ema": ema,
+        "phase_states": {"optimizer": optimizer, "scheduler": scheduler, "loader": loader},
+        "rng": rng,
+        "segment": segment,
+        "phase_name": phase_name,
+        "world_size": world_size,
+        **state.as_dict(),
+    }
+
+
+@dataclass
+class ResumePoint:
+    """Where a resumed run picks up (`restore_payload`)."""
+
+    state: TrainState  # the counters at the checkpoint
+    segment: int  # the resuming segment's number: one after the checkpoint's writer
+    world_size: int  # the world size that wrote the checkpoint (1 when it predates the field)
+    phase_states: dict[str, Any] | None  # the phase in progress (`restore_phase_states`)
+
+
+def restore_payload(
+    payload: Mapping[str, Any],
+    model: torch.nn.Module,
+    ema: torch.nn.Module | None,
+    gen: torch.Generator,
+    cuda: bool,
+) -> ResumePoint:
+    """Load a checkpoint's weights into `model` and `ema`, and its random states into `gen`,
+    torch's CPU generator and (`cuda`) the current CUDA device's. The phase in progress comes back
+    once its optimizer exists (`restore_phase_states`)."""
+    model.load_state_dict(payload["model"])
+    if ema is not None and payload.get("ema") is not None:
+        ema.load_state_dict(payload["ema"])
+    gen.set_state(payload["rng"]["gen"])
+    torch.set_rng_state(payload["rng"]["torch"])
+    if cuda and payload["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(payload["rng"]["cuda"])
+    return ResumePoint(
+        state=TrainState.from_payload(payload),
+        segment=payload.get("segment", 0) + 1,
+        world_size=payload.get("world_size", 1),
+        phase_states=payload.get("phase_states"),
+    )
+
+
+def restore_phase_states(
+    saved: Mapping[str, Any],
+    optimizer: torch.optim.Optimizer,
+    scheduler: _Stateful,
+    loader: ShardLoader,
+    shard_optimizer: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> None:
+    """Put the phase in progress back (`saved`: a checkpoint's "phase_states"): the optimizer's
+    moments (cut into this rank's shards by `shard_optimizer` under FSDP), the schedule's step and
+    the position of `loader`. The position is exact unless the lanes had to change with the world
+    size; then the loader warns that it resumes at the same fraction of the epoch."""
+    optimizer_state = saved["optimizer"]
+    if shard_optimizer is not None:
+        optimizer_state = shard_optimizer(optimizer_state)
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(saved["scheduler"])
+    exact = saved["loader"].get("lanes") == loader.lanes
+    loader.load_state_dict(saved["loader"], strict=exact)

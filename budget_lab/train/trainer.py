@@ -1,14 +1,19 @@
 """The phased MicroDiT trainer: accelerate for devices, exact resume, nothing lost on a crash.
 
-A run folder holds:
-  config.yaml      the resolved configuration (YAML < CLI overrides), written once
-  metrics.jsonl    append-only: step, phase, loss, images/s, lr, wall clock (one row per log_every)
-  checkpoints/     atomic checkpoints (model, EMA, optimizer, scheduler, data position, RNG states)
-  samples/         a sample grid (PNG) at the end of each phase, from the EMA weights
-  result.json      status (running / completed / failed / interrupted) and the final figures
+What a run writes into its run folder (`budget_lab.rundir.RunDir`), from the main process:
+  RunDir.config          the resolved configuration (YAML < CLI overrides), written once
+  RunDir.metrics         append-only: step, phase, loss, images/s, lr, wall clock (a row per log_every)
+  RunDir.checkpoints     atomic checkpoints (model, EMA, optimizer, scheduler, data position, RNG
+                         states: `budget_lab.train.checkpoint`), and a RunDir.checkpoint_log row each
+  RunDir.phase_grid      a sample grid (PNG) at the end of each phase, from the EMA weights
+  RunDir.result          status (running / completed / failed / interrupted / cut) and the figures
 
 Resume is exact: the checkpoint holds every source of randomness and the data position, so on a
 CPU an interrupted-and-resumed run ends with weights bit-identical to an uninterrupted one.
+
+`Trainer.run` reads as its steps: prepare the run folder, set up accelerate, build the model,
+resume from the latest checkpoint, spread the model over the devices, open the outputs, then each
+phase (`_run_phase`: a fresh optimizer, the step loop with its signposts, the sample grid).
 """
 
 from __future__ import annotations
@@ -21,60 +26,85 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import asdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
+from accelerate import Accelerator
+from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
 
 from budget_lab.config import (
+    PhaseConfig,
     RunConfig,
     edm_config,
     model_config,
     run_config_from_dict,
     run_config_to_dict,
 )
-from budget_lab.config.schema import PhaseConfig
+from budget_lab.data.loader import ShardLoader
 from budget_lab.errors import ConfigError, DataError, TrainingError, UserError
-from budget_lab.io import atomic_write_json, atomic_write_text, yaml_dump, yaml_load
+from budget_lab.eval.sampling import sample_grid_for_run
+from budget_lab.io import atomic_write_text, yaml_dump, yaml_load
 from budget_lab.launch.activity import ActivityLog
-from budget_lab.rundir import STOP_FILE, StopRequest, read_stop, request_stop_file
-from budget_lab.train.checkpoint import CheckpointStore
+from budget_lab.report.wandb_log import init_wandb_run
+from budget_lab.rundir import (
+    CheckpointRow,
+    MetricsRow,
+    RunDir,
+    StopRequest,
+    read_result,
+    read_stop,
+    write_result,
+)
+from budget_lab.train.checkpoint import (
+    CheckpointStore,
+    TrainState,
+    checkpoint_payload,
+    restore_payload,
+    restore_phase_states,
+    rng_states,
+)
+from budget_lab.train.optim import build_optimizer, build_scheduler
 from model.edm import EDMConfig, EDMPrecond, edm_loss
 from model.microdit import BatchRandom, MicroDiT, batch_draw
 
-__all__ = ["Trainer", "read_result", "lr_factor", "request_stop_file", "STOP_FILE"]
-
-_RESULT = "result.json"
+__all__ = ["Trainer"]
 
 
-def lr_factor(phase: PhaseConfig, step: int, budget_progress: float | None = None) -> float:
-    """Learning-rate multiplier at optimizer step `step` (0-based) of a phase.
+@dataclass
+class _Phase:
+    """What one phase trains with (`Trainer._start_phase`)."""
 
-    `budget_progress` (0..1), for a phase that ends at a dollar figure (a sweep's equal-dollar
-    trials), is how much of the phase's dollars are spent: the decay follows the further along of
-    it and the step count, so a phase that ends at its budget before its step count still ends
-    its cosine at `min_lr_ratio`."""
-    if step < phase.warmup_steps:
-        return (step + 1) / phase.warmup_steps
-    if phase.schedule == "constant":
-        return 1.0
-    span = max(phase.steps - phase.warmup_steps, 1)
-    progress = min((step - phase.warmup_steps) / span, 1.0)
-    if budget_progress is not None:
-        progress = max(progress, min(budget_progress, 1.0))
-    return phase.min_lr_ratio + (1 - phase.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def read_result(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
-    path = Path(run_dir) / _RESULT
-    return json.loads(path.read_text()) if path.is_file() else None
+    index: int  # its place in cfg.phases
+    config: PhaseConfig
+    last: bool  # the run's last phase
+    loader: ShardLoader
+    optimizer: torch.optim.Optimizer  # AdamW, wrapped by accelerate
+    scheduler: LambdaLR
+    accum: int  # micro-batches per optimizer step on each rank
+    P_mean: float  # the EDM noise-level distribution (the phase's, else the run's)
+    P_std: float
 
 
 class Trainer:
     """Runs the phases of a `RunConfig` in `run_dir`, resuming from its latest checkpoint."""
+
+    # The run in progress, set by `run`'s steps (`_setup_accelerator` ... `_open_outputs`).
+    accelerator: Accelerator
+    device: torch.device
+    net: MicroDiT  # the network being trained
+    ema: AveragedModel | None  # its EMA copy (sample grids, FID); None when optim.ema_decay is 0
+    gen: torch.Generator  # the noise generator, the same on every rank
+    precond: torch.nn.Module  # EDM preconditioning around net (wrapped by accelerate for DDP)
+    step_fn: Callable[..., torch.Tensor]  # precond, compiled when cfg.compile
+    fsdp: bool  # net (and ema) are sharded with FSDP
+    state: TrainState  # the counters: phase, steps, images seen, training seconds
+    segment: int  # this segment's number: 0 for a fresh run, the checkpoint's + 1 on resume
 
     def __init__(
         self,
@@ -89,6 +119,7 @@ class Trainer:
     ):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.files = RunDir(self.run_dir)
         self.progress = progress
         # Test and tooling hook: behave as if a stop signal arrived after this global step.
         self.stop_at_step = stop_at_step
@@ -97,8 +128,8 @@ class Trainer:
         self.cost_fn = cost_fn
         self._cost_warned = False
         # Called after every optimizer step (after any checkpoint) with {"state", "phase",
-        # "phase_done", "last_phase", "model" (EMA weights if any), "device"}: sweep jobs use it to
-        # measure FID at dollar rungs. Main process only.
+        # "phase_index", "phase_done", "last_phase", "model" (EMA weights if any), "device"}:
+        # sweep jobs use it to measure FID at dollar rungs. Main process only.
         self.step_callback = step_callback
         # Phases as separate (dependent) jobs: end with status "phase-completed" after this phase.
         self.stop_after_phase = stop_after_phase
@@ -112,13 +143,23 @@ class Trainer:
         self._own_activity = activity is None
         self.model_cfg = model_config(cfg)
         self.edm_cfg: EDMConfig = edm_config(cfg)
-        self.store = CheckpointStore(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep)
+        self.store = CheckpointStore(self.files.checkpoints, keep=cfg.checkpoint.keep)
         self._checkpoint_requested = threading.Event()
         self._phase_end_requested = threading.Event()
         self._stop_requested = threading.Event()
         # Only the main process writes the run folder (result.json, config.yaml); set again from
         # accelerate once it runs, from torch.distributed's RANK before.
         self._main = int(os.environ.get("RANK", "0")) == 0
+        self._use_gpu = False
+        # The checkpoint's state of the phase in progress, until that phase has taken it.
+        self._phase_states: dict[str, Any] | None = None
+        # The STOP request this run obeys, once it saw one: it then ends "cut".
+        self._cut: StopRequest | None = None
+        # Outputs open while the phases run (`_open_outputs`, `_close_outputs`).
+        self._wandb: Any = None  # a SafeRun
+        self._old_handlers: dict[int, Any] = {}
+        self._metrics_file: IO[str] | None = None
+        self._bar: tqdm | None = None
 
     # -- requests from signals or a job wrapper (submitit's checkpoint()) ----------------------------
 
@@ -135,12 +176,55 @@ class Trainer:
         """Save a checkpoint at the next step boundary and stop (status 'interrupted')."""
         self._stop_requested.set()
 
-    # -- run folder ----------------------------------------------------------------------------------
+    # -- the run ---------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Train every phase (resuming if the run folder has a checkpoint). Returns result.json."""
+        self._prepare_run_dir()
+        if self.activity is None:
+            self.activity = ActivityLog(self.run_dir, None)
+        stop = read_stop(self.run_dir)
+        if stop is not None:  # cut before it started (or while queued)
+            return self._result(status="cut", **stop.result_fields())
+        self._setup_accelerator()
+        self._build_model()
+        self._resume()
+        self._result(status="running", segment=self.segment, started_at=time.time())
+
+        # From here on, whatever happens ends in result.json (completed, failed, ...).
+        self._cut = None
+        self._wandb, self._old_handlers, self._metrics_file, self._bar = None, {}, None, None
+        try:
+            self._parallelize()
+            self._open_outputs()
+            if self.stop_after_phase is not None and self.state.phase > self.stop_after_phase:
+                return self._result(  # this phase's job ran already (e.g. a requeued duplicate)
+                    status="phase-completed",
+                    completed_phase=self.stop_after_phase,
+                    **self.state.as_dict(),
+                )
+            for index in range(self.state.phase, len(self.cfg.phases)):
+                ended = self._run_phase(index)
+                if ended is not None:  # stopped, cut, or the next phase is another job's
+                    return ended
+            return self._result(
+                status="completed",
+                **self.state.as_dict(),
+                phases=[asdict(p) for p in self.cfg.phases],
+            )
+        except BaseException as err:
+            self._result(status="failed", error=_error_text(err), **self.state.as_dict())
+            raise
+        finally:
+            self._close_outputs()
+
+    # -- the run's steps, in order -------------------------------------------------------------------
 
     def _prepare_run_dir(self) -> None:
+        """Create the run folder and write its resolved config; a resumed run must match it."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         resolved = run_config_to_dict(self.cfg)
-        path = self.run_dir / "config.yaml"
+        path = self.files.config
         if path.is_file():
             saved = yaml_load(path.read_text())
             if isinstance(saved, dict) and saved != resolved:  # fields added since: defaults
@@ -158,431 +242,220 @@ class Trainer:
         elif self._main:
             atomic_write_text(path, yaml_dump(resolved))
 
-    def _result(self, **fields: Any) -> dict[str, Any]:
-        result = read_result(self.run_dir) or {}
-        result.update(fields, run_dir=str(self.run_dir), updated_at=time.time())
-        if self._main:
-            atomic_write_json(self.run_dir / _RESULT, result)
-        return result
-
-    # -- the run ---------------------------------------------------------------------------------------
-
-    def run(self) -> dict[str, Any]:
-        """Train every phase (resuming if the run folder has a checkpoint). Returns result.json."""
-        from accelerate import Accelerator
-
-        cfg = self.cfg
-        self._prepare_run_dir()
-        if self.activity is None:
-            self.activity = ActivityLog(self.run_dir, None)
-        stop = read_stop(self.run_dir)
-        if stop is not None:  # cut before it started (or while queued)
-            return self._result(status="cut", **stop.result_fields())
-        use_gpu = torch.cuda.is_available()
-        precision = cfg.mixed_precision
+    def _setup_accelerator(self) -> None:
+        """accelerate on the GPU if there is one (bf16 unless the config says otherwise), else the
+        CPU. From here on only its main process writes the run folder and the activity log."""
+        self._use_gpu = torch.cuda.is_available()
+        precision = self.cfg.mixed_precision
         if precision == "auto":
-            precision = "bf16" if use_gpu else "no"
-        accelerator = Accelerator(mixed_precision=precision, cpu=not use_gpu)
-        device = accelerator.device
-        main = self._main = accelerator.is_main_process
-        activity = self.activity
-        activity.enabled = activity.enabled and main
+            precision = "bf16" if self._use_gpu else "no"
+        self.accelerator = Accelerator(mixed_precision=precision, cpu=not self._use_gpu)
+        self.device = self.accelerator.device
+        self._main = self.accelerator.is_main_process
+        self.activity.enabled = self.activity.enabled and self._main
 
-        # Model, EMA and the noise generator; everything random is seeded from cfg.seed.
+    def _build_model(self) -> None:
+        """The model, its EMA and the noise generator; everything random is seeded from cfg.seed."""
+        cfg = self.cfg
         torch.manual_seed(cfg.seed)
         net = MicroDiT(self.model_cfg)
         ema = None
         if cfg.optim.ema_decay > 0:
             ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.optim.ema_decay))
-        net = net.to(device)
-        if ema is not None:
-            ema = ema.to(device)
+        self.net = net.to(self.device)
+        self.ema = ema.to(self.device) if ema is not None else None
         # The same noise generator on every rank: each draws the noise of the whole global batch
         # and keeps its samples' rows (`BatchRandom`), so a run is the same on any world size.
-        gen = torch.Generator(device=device)
-        gen.manual_seed(cfg.seed * 1000)
+        self.gen = torch.Generator(device=self.device)
+        self.gen.manual_seed(cfg.seed * 1000)
 
-        state = {
-            "phase": 0,
-            "phase_step": 0,
-            "global_step": 0,
-            "images_seen": 0,
-            "train_seconds": 0.0,
-        }
-        phase_states: dict[str, Any] | None = None
-        if main:  # what a save killed mid-write left (a checkpoint's size each)
+    def _resume(self) -> None:
+        """Pick up from the latest checkpoint that loads (weights, EMA, random states, counters;
+        the phase in progress once its optimizer exists), or start at step 0. A checkpoint that
+        cannot be used fails the run in result.json before anything trains."""
+        self.state = TrainState()
+        self.segment = 0
+        self._phase_states = None
+        if self._main:  # what a save killed mid-write left (a checkpoint's size each)
             self.store.remove_temp_files()
         try:
             loaded = self.store.load_latest(map_location="cpu")
         except Exception as err:  # unreadable or refused: say so in result.json, start nothing
-            error = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
-            self._result(status="failed", error=error)
+            self._result(status="failed", error=_error_text(err))
             raise
-        segment = 0
         if loaded is not None:
-            ckpt, ckpt_path = loaded
-            net.load_state_dict(ckpt["model"])
-            if ema is not None and ckpt.get("ema") is not None:
-                ema.load_state_dict(ckpt["ema"])
-            gen.set_state(ckpt["rng"]["gen"])
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            if use_gpu and ckpt["rng"].get("cuda") is not None:
-                torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-            state.update({k: ckpt[k] for k in state})
-            phase_states = ckpt.get("phase_states")
-            segment = ckpt.get("segment", 0) + 1
-            if main:
+            payload, path = loaded
+            point = restore_payload(payload, self.net, self.ema, self.gen, cuda=self._use_gpu)
+            self.state, self.segment = point.state, point.segment
+            self._phase_states = point.phase_states
+            if self._main:
                 print(
-                    f"resuming {self.run_dir.name} from {ckpt_path.name} "
-                    f"(phase {state['phase']}, step {state['global_step']})",
+                    f"resuming {self.run_dir.name} from {path.name} "
+                    f"(phase {self.state.phase}, step {self.state.global_step})",
                     flush=True,
                 )
-                saved_world = ckpt.get("world_size", 1)
-                if saved_world != accelerator.num_processes:
-                    print(
-                        _world_size_change_note(saved_world, accelerator.num_processes), flush=True
-                    )
-        if state["phase"] < len(cfg.phases):
-            activity.set_phase(cfg.phases[state["phase"]].name)
-        self._result(status="running", segment=segment, started_at=time.time())
+                world = self.accelerator.num_processes
+                if point.world_size != world:
+                    print(_world_size_change_note(point.world_size, world), flush=True)
+        if self.state.phase < len(self.cfg.phases):
+            self.activity.set_phase(self.cfg.phases[self.state.phase].name)
 
-        # From here on, whatever happens ends in result.json (completed, failed, ...).
-        status = "completed"
-        cut: StopRequest | None = None  # the STOP request this run obeys, once it saw one
-        wandb_run = None
-        old_handlers: dict[int, Any] = {}
-        metrics_file = None
-        bar = None
-        try:
-            precond = EDMPrecond(net, self.edm_cfg.sigma_data)
-            # FSDP: sharded after the (full) checkpoint is loaded; DDP: accelerate wraps it.
-            fsdp = cfg.distributed.strategy == "fsdp" and accelerator.num_processes > 1
-            if fsdp:
-                _fsdp_shard(net, ema)
-            else:
-                precond = accelerator.prepare_model(precond)
-            step_fn = torch.compile(precond) if cfg.compile else precond
-            moe_names = set(net.moe_parameter_names())
-            total_steps = sum(p.steps for p in cfg.phases)
+    def _parallelize(self) -> None:
+        """EDM preconditioning around the network, spread over the devices: FSDP shards it after
+        the (whole) checkpoint has loaded; otherwise accelerate wraps it (DDP). Compiled if asked."""
+        precond = EDMPrecond(self.net, self.edm_cfg.sigma_data)
+        self.fsdp = self.cfg.distributed.strategy == "fsdp" and self.accelerator.num_processes > 1
+        if self.fsdp:
+            _fsdp_shard(self.net, self.ema)
+        else:
+            precond = self.accelerator.prepare_model(precond)
+        self.precond = precond
+        self.step_fn = torch.compile(precond) if self.cfg.compile else precond
 
-            wandb_run = self._init_wandb(segment) if (cfg.wandb.enabled and main) else None
-            old_handlers = self._install_signal_handlers()
-            metrics_file = open(self.run_dir / "metrics.jsonl", "a") if main else None
-            if main and self.progress:
-                from tqdm.auto import tqdm
+    def _open_outputs(self) -> None:
+        """W&B, the signal handlers, metrics.jsonl (kept open: a row per window) and the progress
+        bar; the files and W&B on the main process only. `_close_outputs` closes them."""
+        main = self._main
+        self._wandb = self._init_wandb(self.segment) if (self.cfg.wandb.enabled and main) else None
+        self._old_handlers = self._install_signal_handlers()
+        self._metrics_file = open(self.files.metrics, "a") if main else None
+        if main and self.progress:
+            self._bar = tqdm(
+                total=sum(p.steps for p in self.cfg.phases),
+                initial=self.state.global_step,
+                unit="step",
+                dynamic_ncols=True,
+            )
 
-                bar = tqdm(
-                    total=total_steps,
-                    initial=state["global_step"],
-                    unit="step",
-                    dynamic_ncols=True,
-                )
-            if self.stop_after_phase is not None and state["phase"] > self.stop_after_phase:
-                return self._result(  # this phase's job ran already (e.g. a requeued duplicate)
-                    status="phase-completed", completed_phase=self.stop_after_phase, **state
-                )
-            for phase_idx in range(state["phase"], len(cfg.phases)):
-                phase = cfg.phases[phase_idx]
-                if phase_idx != state["phase"]:
-                    state.update(phase=phase_idx, phase_step=0)
-                    phase_states = None
-                world = accelerator.num_processes
-                micro = phase.micro_batch_size or max(phase.batch_size // world, 1)
-                if phase.batch_size % (micro * world):
-                    raise ConfigError(
-                        f"phases[{phase.name}].batch_size={phase.batch_size} is not a multiple of "
-                        f"micro_batch_size x devices = {micro} x {world}; pick a batch size that is"
-                    )
-                accum = phase.batch_size // (micro * world)
-                saved_loader = phase_states["loader"] if phase_states is not None else None
-                loader = self._loader(phase, micro, accelerator, saved_loader)
+    def _run_phase(self, index: int) -> dict[str, Any] | None:
+        """Train phase `index` to its end, then its sample grid. Returns the run's result when the
+        run ends here (stopped, cut, or the next phase is another job's); None to go on."""
+        ph = self._start_phase(index)
+        cfg, phase, state = self.cfg, ph.config, self.state
+        batches = iter(ph.loader)
+        window_loss, window_steps, window_time = 0.0, 0, 0.0
+        if self.activity.activity != "idle":
+            self.activity.switch("train", phase.name)
+        while state.phase_step < phase.steps:
+            # One optimizer step over the global batch.
+            t0 = time.perf_counter()
+            step_loss = self._train_step(ph, batches)
+            state.phase_step += 1
+            state.global_step += 1
+            state.images_seen += phase.batch_size
+            dt = time.perf_counter() - t0
+            state.train_seconds += dt
+            window_loss += step_loss
+            window_steps += 1
+            window_time += dt
 
-                # Fresh AdamW per phase (its own learning rate); MoE parameters at their own scale,
-                # no weight decay on norms and biases.
-                groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
-                for name, p in net.named_parameters():
-                    groups.setdefault((name in moe_names, p.ndim >= 2), []).append(p)
-                param_groups = [
-                    {
-                        "params": ps,
-                        "lr": phase.lr * (cfg.optim.moe_lr_scale if moe else 1.0),
-                        "weight_decay": cfg.optim.weight_decay if decay else 0.0,
-                    }
-                    for (moe, decay), ps in sorted(groups.items())
-                ]
-                optimizer = torch.optim.AdamW(
-                    param_groups,
-                    betas=(cfg.optim.beta1, cfg.optim.beta2),
-                    eps=cfg.optim.eps,
-                    foreach=True,
-                )
-                self.budget_progress = None  # the job sets it again after this phase's steps
-                scheduler = torch.optim.lr_scheduler.LambdaLR(
-                    optimizer, lambda s, ph=phase: lr_factor(ph, s, self.budget_progress)
-                )
-                if phase_states is not None:
-                    saved_optim = phase_states["optimizer"]
-                    if fsdp:  # the full state, cut into this rank's shards
-                        saved_optim = _shard_optimizer_state(saved_optim, optimizer)
-                    optimizer.load_state_dict(saved_optim)
-                    scheduler.load_state_dict(phase_states["scheduler"])
-                    # Exact unless the lanes had to change with the world size (then the loader
-                    # warns that it resumes at the same fraction of the epoch).
-                    exact = phase_states["loader"].get("lanes") == loader.lanes
-                    loader.load_state_dict(phase_states["loader"], strict=exact)
-                optimizer = accelerator.prepare_optimizer(optimizer)
-                P_mean = self.edm_cfg.P_mean if phase.P_mean is None else phase.P_mean
-                P_std = self.edm_cfg.P_std if phase.P_std is None else phase.P_std
-
-                def save(
-                    phase=phase, optimizer=optimizer, scheduler=scheduler, loader=loader
-                ) -> Path | None:
-                    accelerator.wait_for_everyone()
-                    with activity.during("checkpoint"):
-                        parts = {
-                            "model": accelerator.unwrap_model(precond).net.state_dict(),
-                            "ema": ema.state_dict() if ema is not None else None,
-                            "optimizer": optimizer.state_dict(),
-                        }
-                        if fsdp:  # the full state, shard by shard (every rank takes part)
-                            parts = _gather_full(parts, keep=main)
-                        path = write_checkpoint(phase, parts, scheduler, loader) if main else None
-                    accelerator.wait_for_everyone()  # no rank goes on before it is on disk
-                    return path
-
-                def write_checkpoint(phase, parts, scheduler, loader) -> Path:
-                    path = self.store.save(
-                        state["global_step"],
-                        {
-                            "version": 1,
-                            "model": parts["model"],
-                            "ema": parts["ema"],
-                            "phase_states": {
-                                "optimizer": parts["optimizer"],
-                                "scheduler": scheduler.state_dict(),
-                                "loader": loader.state_dict(),
-                            },
-                            "rng": {
-                                "gen": gen.get_state(),
-                                "torch": torch.get_rng_state(),
-                                "cuda": torch.cuda.get_rng_state() if use_gpu else None,
-                            },
-                            "segment": segment,
-                            "phase_name": phase.name,
-                            "world_size": accelerator.num_processes,
-                            **state,
-                        },
-                    )
-                    # What the ledger needs to price work lost at a preemption.
-                    with open(self.run_dir / "checkpoints.jsonl", "a") as f:
-                        row = {
-                            "step": state["global_step"],
-                            "phase": phase.name,
-                            "segment": segment,
-                            "time": time.time(),
-                            "path": str(path),
-                        }
-                        f.write(json.dumps(row) + "\n")
-                    return path
-
-                batches = iter(loader)
+            # A metrics row every log_every steps and at the phase's end.
+            if state.global_step % cfg.log_every == 0 or state.phase_step == phase.steps:
+                self._log_window(ph, window_loss, window_steps, window_time)
                 window_loss, window_steps, window_time = 0.0, 0, 0.0
-                if activity.activity != "idle":
-                    activity.switch("train", phase.name)
-                while state["phase_step"] < phase.steps:
-                    t0 = time.perf_counter()
-                    step_loss = 0.0
-                    step_rng = gen.get_state()
-                    for micro_idx in range(accum):
-                        batch = next(batches)
-                        y = batch["latents"].to(device, non_blocking=True)
-                        captions = batch["captions"].to(device, non_blocking=True)
-                        caption_mask = batch["caption_mask"].to(device, non_blocking=True)
-                        # Every micro-batch of every rank draws the step's noise for the whole
-                        # global batch and keeps its rows (the samples' places in the step).
-                        gen.set_state(step_rng)
-                        rows = (batch["index"] % phase.batch_size).to(device)
-                        draws = BatchRandom(gen, rows, phase.batch_size)
-                        # Caption dropout for classifier-free guidance: zeroed embeddings.
-                        if cfg.optim.caption_dropout > 0:
-                            drop = (
-                                batch_draw(torch.rand, (y.shape[0],), device, draws)
-                                < cfg.optim.caption_dropout
-                            )
-                            captions = captions * (~drop).view(-1, 1, 1).to(captions.dtype)
-                        sync = micro_idx == accum - 1
-                        ctx = accelerator.no_sync(precond) if not sync else contextlib.nullcontext()
-                        if fsdp:  # reduce-scatter the gradients at the last micro-batch only
-                            net.set_requires_gradient_sync(sync)
-                        with ctx, accelerator.autocast():
-                            loss = edm_loss(
-                                step_fn,
-                                y,
-                                captions,
-                                caption_mask,
-                                phase.mask_ratio,
-                                P_mean,
-                                P_std,
-                                draws,
-                            )
-                        accelerator.backward(loss / accum)
-                        step_loss += loss.detach().float().item() / accum
-                    if not math.isfinite(step_loss):
-                        raise TrainingError(
-                            f"non-finite loss ({step_loss}) at phase {phase.name!r}, step "
-                            f"{state['phase_step']} (global {state['global_step']}): the run is stopped "
-                            f"and nothing was saved from this step. Last good checkpoint: "
-                            f"{self.store.latest_path() or 'none'}. Lower phases[{phase.name}].lr or "
-                            "optim.grad_clip, or check the data"
-                        )
-                    if cfg.optim.grad_clip > 0:
-                        accelerator.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    if ema is not None:
-                        ema.update_parameters(net)
-                    state["phase_step"] += 1
-                    state["global_step"] += 1
-                    images = phase.batch_size
-                    state["images_seen"] += images
-                    dt = time.perf_counter() - t0
-                    state["train_seconds"] += dt
-                    window_loss += step_loss
-                    window_steps += 1
-                    window_time += dt
+            if self._bar is not None:
+                self._bar.update(1)
 
-                    if (
-                        state["global_step"] % cfg.log_every == 0
-                        or state["phase_step"] == phase.steps
-                    ):
-                        if accelerator.num_processes > 1:  # the loss of the global batch
-                            window_loss = accelerator.reduce(
-                                torch.tensor(window_loss, device=device), reduction="mean"
-                            ).item()
-                        row = {
-                            "step": state["global_step"],
-                            "phase": phase.name,
-                            "phase_step": state["phase_step"],
-                            "loss": window_loss / window_steps,
-                            "images_per_s": window_steps * images / max(window_time, 1e-9),
-                            "lr": scheduler.get_last_lr()[0],
-                            "mask_ratio": phase.mask_ratio,
-                            "images_seen": state["images_seen"],
-                            "train_seconds": state["train_seconds"],
-                            "segment": segment,
-                            "time": time.time(),
-                        }
-                        if self.cost_fn is not None:
-                            row.update(self._cost())
-                        if metrics_file is not None:
-                            metrics_file.write(json.dumps(row) + "\n")
-                            metrics_file.flush()
-                        if wandb_run is not None:
-                            # No explicit step: after a requeue the global step repeats the
-                            # steps lost since the checkpoint, and W&B would drop those rows.
-                            wandb_run.log(
-                                {f"train/{k}": v for k, v in row.items() if k != "phase"}
-                                | {"train/phase_index": phase_idx}
-                            )
-                        if bar is not None:
-                            bar.set_postfix_str(
-                                f"{phase.name} loss {row['loss']:.4f} {row['images_per_s']:.0f} img/s"
-                            )
-                        window_loss, window_steps, window_time = 0.0, 0, 0.0
-                    if bar is not None:
-                        bar.update(1)
+            # Requests to stop, checkpoint or end the phase, the same on every rank.
+            self._take_requests()
+            if self._phase_end_requested.is_set() and not ph.last:
+                self._phase_end_requested.clear()
+                state.phase_step = phase.steps  # ended early: the phase counts as done
 
-                    if self.stop_at_step is not None and state["global_step"] >= self.stop_at_step:
-                        self._stop_requested.set()
-                    stop_file = self.run_dir / STOP_FILE
-                    if cut is None and stop_file.is_file():
-                        cut = read_stop(self.run_dir)
-                        self._stop_requested.set()
-                        activity.switch("idle")  # what follows buys nothing: the run is cut
-                    if accelerator.num_processes > 1:
-                        # A signal reaches one rank (submitit checkpoints on rank 0 only): every
-                        # rank must save and stop at the same step, so agree on the flags.
-                        self._sync_requests(accelerator)
-                        if cut is None and self._stop_requested.is_set():
-                            # Another rank saw STOP first: this one ends "cut" with it too.
-                            if stop_file.is_file():
-                                cut = read_stop(self.run_dir)
-                                activity.switch("idle")
-                    if self._phase_end_requested.is_set() and phase_idx < len(cfg.phases) - 1:
-                        self._phase_end_requested.clear()
-                        state["phase_step"] = phase.steps  # ended early: the phase counts as done
-                    at_interval = state["global_step"] % cfg.checkpoint.every == 0
-                    phase_done = state["phase_step"] == phase.steps
-                    if (
-                        at_interval
-                        or phase_done
-                        or self._checkpoint_requested.is_set()
-                        or self._stop_requested.is_set()
-                    ):
-                        save()
-                        self._checkpoint_requested.clear()
-                    if self.step_callback is not None and main:
-                        self.step_callback(
-                            {
-                                "state": dict(state),
-                                "phase": phase,
-                                "phase_index": phase_idx,
-                                "phase_done": phase_done,
-                                "last_phase": phase_idx == len(cfg.phases) - 1,
-                                "model": ema.module if ema is not None else net,
-                                "device": device,
-                            }
-                        )
-                    if self._stop_requested.is_set() and not (
-                        phase_done and phase_idx == len(cfg.phases) - 1
-                    ):
-                        status = "interrupted" if cut is None else "cut"
-                        extra = {} if cut is None else cut.result_fields()
-                        return self._result(status=status, **extra, **state)
+            # Checkpoint at the interval, at the phase's end, and when asked.
+            phase_done = state.phase_step == phase.steps
+            if (
+                state.global_step % cfg.checkpoint.every == 0
+                or phase_done
+                or self._checkpoint_requested.is_set()
+                or self._stop_requested.is_set()
+            ):
+                self._save(ph)
+                self._checkpoint_requested.clear()
 
-                # End of phase: a sample grid from the EMA weights (cosmetic: never fails a run).
-                if (main or fsdp) and cfg.eval.grid_size > 0:
-                    grid_net = ema.module if ema is not None else net
-                    if fsdp:  # rank 0 samples from a whole copy (every rank takes part)
-                        whole = _gather_full(grid_net.state_dict(), keep=main)
-                        grid_net = MicroDiT(self.model_cfg).to(device) if main else None
-                        if grid_net is not None:
-                            grid_net.load_state_dict(whole)
-                    if main:
-                        with activity.during("sample_grid", phase.name):
-                            self._sample_grid(grid_net, phase, device)
-                phase_states = None
-                if self.stop_after_phase is not None and phase_idx < len(cfg.phases) - 1:
-                    if phase_idx >= self.stop_after_phase:  # the next phase is another job's
-                        return self._result(
-                            status="phase-completed", completed_phase=phase_idx, **state
-                        )
-            return self._result(status=status, **state, phases=[asdict(p) for p in cfg.phases])
-        except BaseException as err:
-            error = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
-            self._result(status="failed", error=error, **state)
-            raise
-        finally:
-            if self._own_activity:
-                activity.close()
-            else:  # the job goes on (final FID, end row): its own spans from here
-                activity.switch("other")
-            if bar is not None:
-                bar.close()
-            if metrics_file is not None:
-                metrics_file.close()
-            self._restore_signal_handlers(old_handlers)
-            if wandb_run is not None:
-                wandb_run.finish()  # a SafeRun: never raises
+            if self.step_callback is not None and self._main:
+                self.step_callback(
+                    {
+                        "state": state.as_dict(),
+                        "phase": phase,
+                        "phase_index": index,
+                        "phase_done": phase_done,
+                        "last_phase": ph.last,
+                        "model": self.ema.module if self.ema is not None else self.net,
+                        "device": self.device,
+                    }
+                )
 
-    # -- pieces ------------------------------------------------------------------------------------------
+            # Stop, checkpoint written, unless that was the run's last step anyway.
+            if self._stop_requested.is_set() and not (phase_done and ph.last):
+                cut = self._cut
+                status = "interrupted" if cut is None else "cut"
+                extra = {} if cut is None else cut.result_fields()
+                return self._result(status=status, **extra, **state.as_dict())
 
-    def _loader(self, phase: PhaseConfig, micro: int, accelerator, saved: dict | None = None):
+        # End of phase: a sample grid from the EMA weights (cosmetic: never fails a run).
+        self._sample_grid(phase)
+        self._phase_states = None
+        if self.stop_after_phase is not None and not ph.last and index >= self.stop_after_phase:
+            # The next phase is another job's.
+            return self._result(status="phase-completed", completed_phase=index, **state.as_dict())
+        return None
+
+    def _close_outputs(self) -> None:
+        """Close what `run` opened, whatever happened; the activity log goes on when it is the
+        job's."""
+        if self._own_activity:
+            self.activity.close()
+        else:  # the job goes on (final FID, end row): its own spans from here
+            self.activity.switch("other")
+        if self._bar is not None:
+            self._bar.close()
+        if self._metrics_file is not None:
+            self._metrics_file.close()
+        self._restore_signal_handlers(self._old_handlers)
+        if self._wandb is not None:
+            self._wandb.finish()  # a SafeRun: never raises
+
+    # -- a phase ---------------------------------------------------------------------------------------
+
+    def _start_phase(self, index: int) -> _Phase:
+        """Phase `index`'s loader, fresh AdamW (its own learning rate) and schedule; put back where
+        the checkpoint left them when the run resumes inside this phase."""
+        cfg, phase = self.cfg, self.cfg.phases[index]
+        if index != self.state.phase:
+            self.state.phase, self.state.phase_step = index, 0
+            self._phase_states = None
+        world = self.accelerator.num_processes
+        micro = phase.micro_batch_size or max(phase.batch_size // world, 1)
+        if phase.batch_size % (micro * world):
+            raise ConfigError(
+                f"phases[{phase.name}].batch_size={phase.batch_size} is not a multiple of "
+                f"micro_batch_size x devices = {micro} x {world}; pick a batch size that is"
+            )
+        saved = self._phase_states
+        loader = self._loader(phase, micro, saved["loader"] if saved is not None else None)
+        optimizer = build_optimizer(self.net, cfg.optim, phase)
+        self.budget_progress = None  # the job sets it again after this phase's steps
+        scheduler = build_scheduler(optimizer, phase, lambda: self.budget_progress)
+        if saved is not None:
+            # Under FSDP the checkpoint's whole optimizer state is cut into this rank's shards.
+            shard = partial(_shard_optimizer_state, optimizer=optimizer) if self.fsdp else None
+            restore_phase_states(saved, optimizer, scheduler, loader, shard)
+        return _Phase(
+            index=index,
+            config=phase,
+            last=index == len(cfg.phases) - 1,
+            loader=loader,
+            optimizer=self.accelerator.prepare_optimizer(optimizer),
+            scheduler=scheduler,
+            accum=phase.batch_size // (micro * world),
+            P_mean=self.edm_cfg.P_mean if phase.P_mean is None else phase.P_mean,
+            P_std=self.edm_cfg.P_std if phase.P_std is None else phase.P_std,
+        )
+
+    def _loader(self, phase: PhaseConfig, micro: int, saved: dict | None = None) -> ShardLoader:
         """The phase's loader. Its lanes: data.lanes, else the checkpoint's when they fit this
         world size (so the data order carries over exactly), else world size x workers."""
-        from budget_lab.data.loader import ShardLoader
-
         data_dir = Path(self.cfg.data.path)
         if not (data_dir / "manifest.json").is_file():
             raise DataError(
@@ -591,6 +464,7 @@ class Trainer:
                 "data/synth --out data/synth-latents --vae pixel --text-encoder minilm`, or set "
                 "data.path=FOLDER"
             )
+        accelerator = self.accelerator
         world, workers = accelerator.num_processes, max(self.cfg.data.num_workers, 1)
         lanes = self.cfg.data.lanes
         if lanes is None and saved is not None:
@@ -616,23 +490,204 @@ class Trainer:
             pin_memory=accelerator.device.type == "cuda",
         )
 
-    def _sample_grid(self, net: MicroDiT, phase: PhaseConfig, device: torch.device) -> None:
-        """The phase's sample grid; any failure (a validation split smaller than the grid, no
-        split at all, a full disk) is a warning, never a failed run."""
-        from budget_lab.eval.sampling import sample_grid_for_run
-
-        path = self.run_dir / "samples" / f"{self.cfg.phases.index(phase):02d}-{phase.name}.png"
-        was_training = net.training
-        try:
-            sample_grid_for_run(net, self.cfg, self.edm_cfg, path, device=device)
-        except Exception as err:  # noqa: BLE001 - cosmetic
-            warnings.warn(
-                f"no sample grid for phase {phase.name!r} ({type(err).__name__}: {err}); "
-                "training goes on",
-                stacklevel=2,
+    def _train_step(self, ph: _Phase, batches: Iterator[dict[str, torch.Tensor]]) -> float:
+        """One optimizer step: EDM loss and backward over the rank's micro-batches, gradient
+        clipping, AdamW, the schedule, the EMA. Returns this rank's loss of the step."""
+        cfg, phase, accelerator, device = self.cfg, ph.config, self.accelerator, self.device
+        state = self.state
+        step_loss = 0.0
+        step_rng = self.gen.get_state()
+        for micro_idx in range(ph.accum):
+            batch = next(batches)
+            y = batch["latents"].to(device, non_blocking=True)
+            captions = batch["captions"].to(device, non_blocking=True)
+            caption_mask = batch["caption_mask"].to(device, non_blocking=True)
+            # Every micro-batch of every rank draws the step's noise for the whole global batch
+            # and keeps its rows (the samples' places in the step).
+            self.gen.set_state(step_rng)
+            rows = (batch["index"] % phase.batch_size).to(device)
+            draws = BatchRandom(self.gen, rows, phase.batch_size)
+            # Caption dropout for classifier-free guidance: zeroed embeddings.
+            if cfg.optim.caption_dropout > 0:
+                drop = (
+                    batch_draw(torch.rand, (y.shape[0],), device, draws) < cfg.optim.caption_dropout
+                )
+                captions = captions * (~drop).view(-1, 1, 1).to(captions.dtype)
+            sync = micro_idx == ph.accum - 1
+            ctx = accelerator.no_sync(self.precond) if not sync else contextlib.nullcontext()
+            if self.fsdp:  # reduce-scatter the gradients at the last micro-batch only
+                self.net.set_requires_gradient_sync(sync)
+            with ctx, accelerator.autocast():
+                loss = edm_loss(
+                    self.step_fn,
+                    y,
+                    captions,
+                    caption_mask,
+                    phase.mask_ratio,
+                    ph.P_mean,
+                    ph.P_std,
+                    draws,
+                )
+            accelerator.backward(loss / ph.accum)
+            step_loss += loss.detach().float().item() / ph.accum
+        if not math.isfinite(step_loss):
+            raise TrainingError(
+                f"non-finite loss ({step_loss}) at phase {phase.name!r}, step "
+                f"{state.phase_step} (global {state.global_step}): the run is stopped "
+                f"and nothing was saved from this step. Last good checkpoint: "
+                f"{self.store.latest_path() or 'none'}. Lower phases[{phase.name}].lr or "
+                "optim.grad_clip, or check the data"
             )
-        finally:
-            net.train(was_training)
+        if cfg.optim.grad_clip > 0:
+            accelerator.clip_grad_norm_(self.net.parameters(), cfg.optim.grad_clip)
+        ph.optimizer.step()
+        ph.scheduler.step()
+        ph.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update_parameters(self.net)
+        return step_loss
+
+    def _log_window(self, ph: _Phase, loss: float, steps: int, seconds: float) -> None:
+        """The metrics row of the last `steps` steps (their summed `loss` and `seconds`): to
+        metrics.jsonl, W&B and the progress bar. Every rank calls it (the loss is averaged over
+        the global batch)."""
+        phase, state = ph.config, self.state
+        if self.accelerator.num_processes > 1:  # the loss of the global batch
+            loss = self.accelerator.reduce(
+                torch.tensor(loss, device=self.device), reduction="mean"
+            ).item()
+        row: MetricsRow = {
+            "step": state.global_step,
+            "phase": phase.name,
+            "phase_step": state.phase_step,
+            "loss": loss / steps,
+            "images_per_s": steps * phase.batch_size / max(seconds, 1e-9),
+            "lr": ph.scheduler.get_last_lr()[0],
+            "mask_ratio": phase.mask_ratio,
+            "images_seen": state.images_seen,
+            "train_seconds": state.train_seconds,
+            "segment": self.segment,
+            "time": time.time(),
+        }
+        if self.cost_fn is not None:
+            row.update(self._cost())  # type: ignore[typeddict-item]
+        if self._metrics_file is not None:
+            self._metrics_file.write(json.dumps(row) + "\n")
+            self._metrics_file.flush()
+        if self._wandb is not None:
+            # No explicit step: after a requeue the global step repeats the steps lost since the
+            # checkpoint, and W&B would drop those rows.
+            self._wandb.log(
+                {f"train/{k}": v for k, v in row.items() if k != "phase"}
+                | {"train/phase_index": ph.index}
+            )
+        if self._bar is not None:
+            self._bar.set_postfix_str(
+                f"{phase.name} loss {row['loss']:.4f} {row['images_per_s']:.0f} img/s"
+            )
+
+    def _take_requests(self) -> None:
+        """After each step: `stop_at_step`, the run folder's STOP file (the run then ends "cut",
+        with its reason) and, with more than one process, the flags every rank must agree on."""
+        if self.stop_at_step is not None and self.state.global_step >= self.stop_at_step:
+            self._stop_requested.set()
+        stop_file = self.files.stop
+        if self._cut is None and stop_file.is_file():
+            self._cut = read_stop(self.run_dir)
+            self._stop_requested.set()
+            self.activity.switch("idle")  # what follows buys nothing: the run is cut
+        if self.accelerator.num_processes > 1:
+            # A signal reaches one rank (submitit checkpoints on rank 0 only): every rank must
+            # save and stop at the same step, so agree on the flags.
+            self._sync_requests()
+            if self._cut is None and self._stop_requested.is_set():
+                # Another rank saw STOP first: this one ends "cut" with it too.
+                if stop_file.is_file():
+                    self._cut = read_stop(self.run_dir)
+                    self.activity.switch("idle")
+
+    def _save(self, ph: _Phase) -> Path | None:
+        """A checkpoint of the run as it stands. A collective: every rank calls it, the main
+        process writes it; no rank goes on before it is on disk. Its path on the main process."""
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        with self.activity.during("checkpoint"):
+            parts = {
+                "model": accelerator.unwrap_model(self.precond).net.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "optimizer": ph.optimizer.state_dict(),
+            }
+            if self.fsdp:  # the full state, shard by shard (every rank takes part)
+                parts = _gather_full(parts, keep=self._main)
+            path = self._write_checkpoint(ph, parts) if self._main else None
+        accelerator.wait_for_everyone()
+        return path
+
+    def _write_checkpoint(self, ph: _Phase, parts: dict[str, Any]) -> Path:
+        """The checkpoint file (`checkpoint_payload`) and its checkpoints.jsonl row."""
+        payload = checkpoint_payload(
+            self.state,
+            model=parts["model"],
+            ema=parts["ema"],
+            optimizer=parts["optimizer"],
+            scheduler=ph.scheduler.state_dict(),
+            loader=ph.loader.state_dict(),
+            rng=rng_states(self.gen, self._use_gpu),
+            segment=self.segment,
+            phase_name=ph.config.name,
+            world_size=self.accelerator.num_processes,
+        )
+        path = self.store.save(self.state.global_step, payload)
+        # What the ledger needs to price work lost at a preemption. A plain append, not
+        # `append_row`: no fsync per row on top of the checkpoint's own.
+        row: CheckpointRow = {
+            "step": self.state.global_step,
+            "phase": ph.config.name,
+            "segment": self.segment,
+            "time": time.time(),
+            "path": str(path),
+        }
+        with open(self.files.checkpoint_log, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        return path
+
+    def _sample_grid(self, phase: PhaseConfig) -> None:
+        """The phase's sample grid from the EMA weights, by the main process (under FSDP every
+        rank first helps gather a whole copy). A failure of the sampling (a validation split
+        smaller than the grid, no split at all, a full disk) is a warning, never a failed run."""
+        if not (self._main or self.fsdp) or self.cfg.eval.grid_size <= 0:
+            return
+        net: MicroDiT | None = self.ema.module if self.ema is not None else self.net
+        if self.fsdp:  # rank 0 samples from a whole copy (every rank takes part)
+            whole = _gather_full(net.state_dict(), keep=self._main)
+            net = MicroDiT(self.model_cfg).to(self.device) if self._main else None
+            if net is not None:
+                net.load_state_dict(whole)
+        if net is None or not self._main:
+            return
+        path = self.files.phase_grid(self.cfg.phases.index(phase), phase.name)
+        with self.activity.during("sample_grid", phase.name):
+            was_training = net.training
+            try:
+                sample_grid_for_run(net, self.cfg, self.edm_cfg, path, device=self.device)
+            except Exception as err:  # noqa: BLE001 - cosmetic
+                warnings.warn(
+                    f"no sample grid for phase {phase.name!r} ({type(err).__name__}: {err}); "
+                    "training goes on",
+                    stacklevel=2,
+                )
+            finally:
+                net.train(was_training)
+
+    # -- pieces ----------------------------------------------------------------------------------------
+
+    def _result(self, **fields: Any) -> dict[str, Any]:
+        """result.json with `fields` (and the time) merged in; written by the main process only."""
+        result: dict[str, Any] = dict(read_result(self.run_dir) or {})
+        result.update(fields, run_dir=str(self.run_dir), updated_at=time.time())
+        if self._main:
+            write_result(self.run_dir, result)
+        return result
 
     def _cost(self) -> dict[str, float]:
         """The spend so far from `cost_fn`, or nothing (with one warning) when it fails: a metric,
@@ -651,8 +706,6 @@ class Trainer:
     def _init_wandb(self, segment: int):
         """A W&B run that never raises (`SafeRun`), or None: W&B never fails training."""
         try:
-            from budget_lab.report.wandb_log import init_wandb_run
-
             return init_wandb_run(self.cfg, self.run_dir, segment)
         except Exception as err:  # noqa: BLE001
             warnings.warn(
@@ -660,7 +713,8 @@ class Trainer:
             )
             return None
 
-    def _sync_requests(self, accelerator) -> None:
+    def _sync_requests(self) -> None:
+        """Every rank takes the flags any rank has (sum-reduced)."""
         # The job's dollar checks (phase end, budget progress) run on the main process only:
         # every rank must follow them, or their learning rates and phases drift apart.
         progress = self.budget_progress
@@ -673,9 +727,9 @@ class Trainer:
                 float(self._main and progress is not None),
             ],
             dtype=torch.float64,
-            device=accelerator.device,
+            device=self.accelerator.device,
         )
-        flags = accelerator.reduce(flags, reduction="sum")
+        flags = self.accelerator.reduce(flags, reduction="sum")
         if flags[0] > 0:
             self._checkpoint_requested.set()
         if flags[1] > 0:
@@ -700,6 +754,16 @@ class Trainer:
     def _restore_signal_handlers(old: dict[int, Any]) -> None:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+
+
+def _error_text(err: BaseException) -> str:
+    """What result.json says of a failure: a user error's own words, else the exception's."""
+    return str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
+
+
+# -- FSDP ------------------------------------------------------------------------------------------
+# torch.distributed's FSDP and DTensor modules are imported in the functions that use them: they
+# take about a second to import, and only an FSDP run on more than one process needs them.
 
 
 def _fsdp_shard(net: MicroDiT, ema: AveragedModel | None) -> None:
