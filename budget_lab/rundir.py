@@ -104,6 +104,9 @@ class RunDir:
     def __fspath__(self) -> str:
         return os.fspath(self.path)
 
+    def __str__(self) -> str:
+        return str(self.path)
+
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
 
@@ -201,6 +204,12 @@ class SweepDir:
 
     def __fspath__(self) -> str:
         return os.fspath(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        return f"SweepDir({str(self.path)!r})"
 
     @property
     def journal(self) -> Path:

@@ -292,7 +292,7 @@ def write_sweep_outputs(
         from budget_lab.report.wandb_report import log_sweep_summary, open_summary_run
 
         try:  # W&B is a view of the results: it never fails the sweep
-            run = open_summary_run(data, wandb_project, dir=folder)
+            run = open_summary_run(data, wandb_project, dir=folder.path)
             try:
                 log_sweep_summary(data, run)
             finally:
