@@ -163,6 +163,17 @@ def compose_file(
             raise ConfigError(f"{path}: {omegaconf_message(err)}") from None
 
 
+def compose_named(path: Path, kind: FileKind) -> DictConfig:
+    """A cluster or a sweep file composed (`compose_file`, no schema), open to keys its file does
+    not set (the group checks keys against its own dataclasses), and named by its own `name:`
+    or its file's name, never by a file it extends (each cluster and sweep is its own)."""
+    own = load_file(path, kind)
+    node = compose_file(path, kind, loaded=own)
+    OmegaConf.set_struct(node, False)
+    node.name = own.get("name") or path.stem
+    return node
+
+
 def parse_overrides(
     overrides: Sequence[str], key_exists: Callable[[str], bool], usage: str
 ) -> list[Override]:

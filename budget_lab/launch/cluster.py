@@ -24,13 +24,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
-from budget_lab.config.compose import (
-    FileKind,
-    apply_overrides,
-    compose_file,
-    load_file,
-    parse_overrides,
-)
+from budget_lab.config.compose import FileKind, apply_overrides, compose_named, parse_overrides
 from budget_lab.config_files import find_config, list_configs
 from budget_lab.errors import ConfigError
 
@@ -375,11 +369,7 @@ def load_cluster(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Clu
     The cluster's name is its own `name:`, else the file name without `.yaml`.
     """
     path = cluster_path(name_or_path)
-    own = load_file(path, _CLUSTER)
-    own_name = own.get("name")
-    node = compose_file(path, _CLUSTER, loaded=own)
-    OmegaConf.set_struct(node, False)  # keys are checked against ClusterConfig, not the file
-    node.name = own_name or path.stem  # never the name of a cluster it extends
+    node = compose_named(path, _CLUSTER)  # keys are checked against ClusterConfig below
     try:
         parsed = parse_overrides(overrides, _cluster_key_exists, _OVERRIDE_HELP)
         apply_overrides(node, parsed, path, "the key then takes its default")

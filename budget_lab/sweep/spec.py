@@ -23,13 +23,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from budget_lab.config import EvalConfig, RunConfig
-from budget_lab.config.compose import (
-    FileKind,
-    apply_overrides,
-    compose_file,
-    load_file,
-    parse_overrides,
-)
+from budget_lab.config.compose import FileKind, apply_overrides, compose_named, parse_overrides
 from budget_lab.config_files import find_config, list_configs
 from budget_lab.errors import ConfigError, check
 from budget_lab.sweep.compose import DERIVED_TARGETS, base_config, check_against_recipe
@@ -569,10 +563,7 @@ def load_sweep(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] 
     param's extreme values. A sweep's name is its own `name:` or its file's name, never the
     name of a sweep it extends (each sweep has its own study)."""
     path = sweep_path(name_or_path)
-    own = load_file(path, _SWEEP)
-    node = compose_file(path, _SWEEP, loaded=own)
-    OmegaConf.set_struct(node, False)  # keys are checked against SweepSpec, not the file
-    node.name = own.get("name") or path.stem
+    node = compose_named(path, _SWEEP)  # keys are checked against SweepSpec by _build
     try:
         raw = OmegaConf.to_container(node, resolve=True)
     except OmegaConfBaseException as err:
