@@ -95,8 +95,8 @@ LAUNCH_FILE = "launch.json"
 STOP_FILE = "STOP"
 
 
-class RunDir:
-    """The paths of one run folder's files (see the module's docstring). Creates nothing."""
+class _Folder:
+    """A folder whose files a subclass names; it stands for its path (`os.fspath`, `str`)."""
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
@@ -108,11 +108,15 @@ class RunDir:
         return str(self.path)
 
     def __repr__(self) -> str:
-        return f"RunDir({str(self.path)!r})"
+        return f"{type(self).__name__}({str(self.path)!r})"
 
     @property
     def name(self) -> str:
         return self.path.name
+
+
+class RunDir(_Folder):
+    """The paths of one run folder's files (see the module's docstring). Creates nothing."""
 
     @property
     def config(self) -> Path:
@@ -196,20 +200,8 @@ class RunDir:
         return RunDir(path).config.is_file()
 
 
-class SweepDir:
+class SweepDir(_Folder):
     """The paths of one sweep's folder in a workspace (`Workspace.sweep_dir`). Creates nothing."""
-
-    def __init__(self, path: str | os.PathLike[str]):
-        self.path = Path(path)
-
-    def __fspath__(self) -> str:
-        return os.fspath(self.path)
-
-    def __str__(self) -> str:
-        return str(self.path)
-
-    def __repr__(self) -> str:
-        return f"SweepDir({str(self.path)!r})"
 
     @property
     def journal(self) -> Path:
