@@ -175,13 +175,22 @@ def compose_named(path: Path, kind: FileKind) -> DictConfig:
 
 
 def parse_overrides(
-    overrides: Sequence[str], key_exists: Callable[[str], bool], usage: str
+    overrides: Sequence[str],
+    key_exists: Callable[[str], bool],
+    usage: str,
+    where: Path | str | None = None,
 ) -> list[Override]:
     """Hydra's override grammar, checked before anything is applied: not key=value, a sweep
-    (`a=1,2`), or `+key` on a key that exists are ConfigErrors; `key_exists(key)` raises for a
-    key that cannot exist (with the valid ones) and says whether it is a key of the schema."""
+    (`a=1,2`), or `+key` on a key that exists are ConfigErrors (naming `where`, the file, when
+    given); `key_exists(key)` raises for a key that cannot exist (with the valid ones) and says
+    whether it is a key of the schema."""
     if not overrides:
         return []
+    if where is not None:
+        try:
+            return parse_overrides(overrides, key_exists, usage)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 

@@ -370,9 +370,9 @@ def load_cluster(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Clu
     """
     path = cluster_path(name_or_path)
     node = compose_named(path, _CLUSTER)  # keys are checked against ClusterConfig below
+    parsed = parse_overrides(overrides, _cluster_key_exists, _OVERRIDE_HELP, where=path)
+    apply_overrides(node, parsed, path, "the key then takes its default")  # names the file
     try:
-        parsed = parse_overrides(overrides, _cluster_key_exists, _OVERRIDE_HELP)
-        apply_overrides(node, parsed, path, "the key then takes its default")
         data = OmegaConf.to_container(node, resolve=True)
     except InterpolationResolutionError as err:
         raise ConfigError(
@@ -382,10 +382,6 @@ def load_cluster(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Clu
         ) from None
     except OmegaConfBaseException as err:
         raise ConfigError(f"{path}: {str(err).splitlines()[0]}") from None
-    except ConfigError as err:
-        if str(err).startswith(str(path)):
-            raise
-        raise ConfigError(f"{path}: {err}") from None
     try:
         return cluster_from_dict(data)  # type: ignore[arg-type]
     except ConfigError as err:

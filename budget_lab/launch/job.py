@@ -32,6 +32,7 @@ from budget_lab.launch.notify import notify
 from budget_lab.rundir import (
     CutKind,
     RunDir,
+    RungRow,
     SegmentRow,
     append_row,
     cut_kind,
@@ -361,7 +362,7 @@ class TrainJob(submitit.helpers.Checkpointable):
                 device=info["device"],
                 progress=False,
             )
-        row = {
+        row: RungRow = {
             "kind": kind,
             "rung_usd": rung,
             "cost_usd": spent,

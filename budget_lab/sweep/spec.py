@@ -537,23 +537,26 @@ def _sweep_key_exists(key: str) -> bool:
 
 def _build(raw: dict[str, Any], overrides: list[str] | tuple[str, ...], where: str) -> SweepSpec:
     _check_keys(raw, where)
+    parsed = parse_overrides(overrides, _sweep_key_exists, _OVERRIDE_HELP, where=where)
     try:
         node = OmegaConf.merge(OmegaConf.structured(SweepSpec), OmegaConf.create(raw))
-        parsed = parse_overrides(overrides, _sweep_key_exists, _OVERRIDE_HELP)
-        apply_overrides(node, parsed, where, "the key then takes its default")
+    except OmegaConfBaseException as err:
+        raise _invalid(where, err) from None
+    apply_overrides(node, parsed, where, "the key then takes its default")  # names `where`
+    try:
         spec = OmegaConf.to_object(node)
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None)
-        msg = str(err).splitlines()[0]
-        raise ConfigError(
-            f"{where}: invalid sweep{f' value at {key!r}' if key else ''}: {msg}"
-        ) from None
-    except ConfigError as err:
-        if str(err).startswith(where):
-            raise
+        raise _invalid(where, err) from None
+    except ConfigError as err:  # SweepSpec's own checks
         raise ConfigError(f"{where}: {err}") from None
     assert isinstance(spec, SweepSpec)
     return spec
+
+
+def _invalid(where: str, err: OmegaConfBaseException) -> ConfigError:
+    key = getattr(err, "full_key", None)
+    msg = str(err).splitlines()[0]
+    return ConfigError(f"{where}: invalid sweep{f' value at {key!r}' if key else ''}: {msg}")
 
 
 def load_sweep(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepSpec:
